@@ -1,0 +1,3 @@
+from mergesafe.cli import main
+
+main()

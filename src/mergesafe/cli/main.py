@@ -1,0 +1,47 @@
+"""Entry point: builds the Typer app from one module per command and maps bad input to exit 2."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from mergesafe.errors import UserError
+
+app = typer.Typer(
+    name="mergesafe",
+    help=(
+        "Keep fine-tuned LLMs safe: fine-tune, merge the pre- and post-tuning weights, "
+        "evaluate safety and task quality, sweep merge weights, and pick the model to ship."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+
+def _register() -> None:
+    # One module per command; each exposes `command`, a plain Typer command function.
+    from mergesafe.cli import merge_cmd
+
+    app.command("merge", help=merge_cmd.__doc__)(merge_cmd.command)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads from a hub, ever
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(args=argv, prog_name="mergesafe")
+    except UserError as err:
+        print(f"mergesafe: error: {err}", file=sys.stderr)
+        sys.exit(UserError.exit_code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
