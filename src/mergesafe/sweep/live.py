@@ -1,0 +1,78 @@
+"""In-memory merging into one live model: no checkpoint is written per sweep point.
+
+Pre and post weights are read once (float32, CPU); each trial computes every parameter with the
+merge engine's own `merge_tensor` (the function the streamed `mergesafe merge` uses, so a sweep
+point equals the merged checkpoint) and copies it into the live model's parameter in place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mergesafe.checkpoint import is_adapter_dir, open_adapter, open_checkpoint
+from mergesafe.errors import UserError
+from mergesafe.merge.engine import merge_pair, pair_plan
+
+
+class LiveMerge:
+    """Holds θ_pre, θ_post (one or several) and a live model; `apply` writes a merge into it."""
+
+    def __init__(self, model: nn.Module, pre: Path, posts: list[Path], *, anchor: Path | None = None,
+                 allow_pickle: bool = False) -> None:
+        self.model = model
+        pre_ckpt = open_checkpoint(pre, allow_pickle=allow_pickle)
+        post_ckpts = [open_adapter(p, pre_ckpt) if is_adapter_dir(p)
+                      else open_checkpoint(p, allow_pickle=allow_pickle) for p in posts]
+        anchor_ckpt = open_checkpoint(anchor, allow_pickle=allow_pickle) if anchor else None
+        self.params: dict[str, nn.Parameter] = dict(model.named_parameters())
+        names = set(pre_ckpt.names())
+        self.pre: dict[str, torch.Tensor] = {}
+        self.posts: list[dict[str, torch.Tensor]] = [{} for _ in post_ckpts]
+        self.anchor: dict[str, torch.Tensor] = {}
+        for name in self.params:
+            if name not in names:
+                raise UserError(f"tensor '{name}' of the live model is not in the checkpoint", path=pre)
+            self.pre[name] = pre_ckpt.get(name).to(torch.float32)
+            for store, ckpt in zip(self.posts, post_ckpts):
+                store[name] = ckpt.get(name).to(torch.float32)
+            if anchor_ckpt is not None:
+                self.anchor[name] = anchor_ckpt.get(name).to(torch.float32)
+        self._grow_vocabulary()
+
+    def _grow_vocabulary(self) -> None:
+        """When post added tokens, the live model gets post's vocabulary size (new rows from post)."""
+        emb = self.model.get_input_embeddings()
+        rows = max(store[n].shape[0] for store in self.posts for n in store if n.endswith("embed_tokens.weight"))
+        if rows > emb.weight.shape[0]:
+            self.model.resize_token_embeddings(rows)
+            self.params = dict(self.model.named_parameters())
+
+    @torch.no_grad()
+    def apply(self, method: str, weight: float, params: dict[str, Any], seed: int) -> None:
+        """Write the merge (method, λ = weight) of pre and the posts into the live model.
+
+        `method` "pre" and "post" are λ = 0 and λ = 1 of `linear` (with several posts, "post" is
+        their average).  Every other method goes through the engine's plan, exactly as the
+        streamed `mergesafe merge` does.
+        """
+        n = len(self.posts)
+        if method in ("pre", "post"):
+            plan = pair_plan("linear", {}, [0.0 if method == "pre" else 1.0 / n] * n, n)
+        else:
+            plan = pair_plan(method, params, [weight / n] * n, n, bool(self.anchor))
+        for name, param in self.params.items():
+            if method == "pre" and self.pre[name].shape == param.shape:
+                merged = self.pre[name]
+            elif method == "post" and n == 1:
+                merged = self.posts[0][name]
+            else:
+                merged = merge_pair(plan, name, self.pre[name], [store[name] for store in self.posts],
+                                    seed, anchor=self.anchor.get(name))
+            if merged.shape != param.shape:
+                raise UserError(f"merged tensor '{name}' has shape {tuple(merged.shape)}, the model "
+                                f"expects {tuple(param.shape)}")
+            param.copy_(merged.to(device=param.device, dtype=param.dtype))
