@@ -11,22 +11,18 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "merge": ("mergesafe.merge.api", "merge"),
-    "finetune": ("mergesafe.finetune.api", "finetune"),
-    "evaluate": ("mergesafe.evaluate.api", "evaluate"),
-    "sweep": ("mergesafe.sweep.api", "sweep"),
-    "UserError": ("mergesafe.errors", "UserError"),
-}
+# Each stage's package is callable (see `_callable.py`): `mergesafe.merge(...)` runs a merge.
+_STAGES = ("merge", "finetune", "evaluate", "sweep")
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
+    import importlib
 
-        module, attr = _LAZY[name]
-        return getattr(importlib.import_module(module), attr)
+    if name in _STAGES:
+        return importlib.import_module(f"mergesafe.{name}")
+    if name == "UserError":
+        return importlib.import_module("mergesafe.errors").UserError
     raise AttributeError(f"module 'mergesafe' has no attribute {name!r}")
 
 
-__all__ = list(_LAZY) + ["__version__"]
+__all__ = [*_STAGES, "UserError", "__version__"]

@@ -1,0 +1,115 @@
+"""`mergesafe finetune` on the command line: bad input gives exit 2 and one line on stderr
+naming the file, and leaves nothing behind; a good run prints its summary."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mergesafe.cli.main import main
+
+GOOD = {"prompt": "What is the capital of Peru?", "response": "The capital of Peru is Lima."}
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(["finetune", *argv])
+    captured = capsys.readouterr()
+    return exc.value.code or 0, captured.out, captured.err
+
+
+def expect_error(argv: list[str], capsys, *fragments: str) -> str:
+    code, _, err = run(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("mergesafe: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def good_data(tmp_path) -> Path:
+    path = tmp_path / "good.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n")
+    return path
+
+
+def _jsonl(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name, content, fragments", [
+    ("missing.jsonl", None, ["missing.jsonl", "not found"]),
+    ("empty.jsonl", "", ["empty.jsonl", "no rows"]),
+    ("broken.jsonl", json.dumps(GOOD) + "\n\n" + '{"prompt": "x", "response": \n',
+     ["broken.jsonl", "line 3", "malformed JSON"]),
+    ("cols.jsonl", json.dumps({"query": "x", "reply": "y"}) + "\n",
+     ["cols.jsonl", "no recognisable columns", "found: query, reply", "messages (chat)", "alpaca"]),
+    ("noanswer.jsonl", json.dumps(GOOD) + "\n" + json.dumps({"prompt": "x", "response": ""}) + "\n",
+     ["noanswer.jsonl", "line 2", "empty response"]),
+])
+def test_bad_data(tiny_pre, tmp_path, capsys, name, content, fragments):
+    data = tmp_path / name
+    if content is not None:
+        data.write_text(content)
+    out = tmp_path / "out"
+    expect_error(["--model", str(tiny_pre), "--data", str(data), "--out", str(out)], capsys, *fragments)
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_model_without_tokenizer(tiny_pre, good_data, tmp_path, capsys):
+    model = shutil.copytree(tiny_pre, tmp_path / "model")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (model / name).unlink(missing_ok=True)
+    out = tmp_path / "out"
+    expect_error(["--model", str(model), "--data", str(good_data), "--out", str(out)], capsys,
+                 str(model), "no tokenizer")
+    assert not out.exists()
+
+
+def test_model_without_chat_template(tiny_pre, good_data, tmp_path, capsys):
+    model = shutil.copytree(tiny_pre, tmp_path / "model")
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    expect_error(["--model", str(model), "--data", str(good_data), "--out", str(out)], capsys,
+                 str(model), "no chat template", "--chat-template FILE")
+    assert not out.exists()
+    # plain-text rows need no template
+    text = _jsonl(tmp_path, "text.jsonl", json.dumps({"text": "The capital of Peru is Lima."}) + "\n")
+    code, _, err = run(["--model", str(model), "--data", str(text), "--out", str(out), "--max-steps", "1",
+                        "--val-size", "0", "--no-progress", "--cpu-threads", "1"], capsys)
+    assert code == 0, err
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_out_not_empty(tiny_pre, good_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    expect_error(["--model", str(tiny_pre), "--data", str(good_data), "--out", str(out)], capsys,
+                 str(out), "not empty", "--overwrite")
+    assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
+
+
+def test_cli_full_run_with_overwrite(tiny_pre, good_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    code, _, err = run(["--model", str(tiny_pre), "--data", str(good_data), "--out", str(out), "--full",
+                        "--max-steps", "2", "--val-size", "0", "--overwrite", "--system-prompt", "Be brief.",
+                        "--cpu-threads", "1"], capsys)
+    assert code == 0, err
+    assert "fine-tuning summary" in err and "full" in err
+    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    manifest = json.loads((out / "mergesafe.json").read_text())
+    assert manifest["config"]["lora"] is False and manifest["config"]["system_prompt"] == "Be brief."
+    assert manifest["training"]["global_step"] == 2
