@@ -1,1 +1,16 @@
-"""mergesafe.evaluate."""
+"""mergesafe.evaluate: generation (batched, left padding), judges, scorers, prompt-set loaders, metrics.
+
+Public API: `evaluate` (one model), `load_eval_sets` + `evaluate_loaded` (many models, sets and judge
+loaded once), `EvalConfig`, `load_judge`.  The package itself is callable: `mergesafe.evaluate(...)`
+is `mergesafe.evaluate.api.evaluate(...)`.
+"""
+
+from mergesafe._callable import make_callable
+from mergesafe.evaluate.api import EvalSets, evaluate, evaluate_loaded, load_eval_sets, load_model
+from mergesafe.evaluate.config import EvalConfig
+from mergesafe.evaluate.judges.registry import load_judge
+
+__all__ = ["EvalConfig", "EvalSets", "evaluate", "evaluate_loaded", "load_eval_sets", "load_judge",
+           "load_model"]
+
+make_callable(__name__, "mergesafe.evaluate.api", "evaluate")

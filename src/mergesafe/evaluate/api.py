@@ -1,0 +1,320 @@
+"""The evaluation API: load the prompt sets once, then evaluate any number of models.
+
+    sets = load_eval_sets(config)                # read and validate every file once
+    judge = load_judge(config.judge)             # load a model judge once
+    metrics = evaluate_loaded(model, tok, sets, config, judge=judge, out=folder)
+
+`evaluate(model_or_path, out, config)` does all three for one model (the CLI uses it).
+
+metrics.json (set names are the file stems):
+    {"model": str,
+     "safety":       {SET: {"asr": float, "n": int, "unparsed": int, "ci95": [lo, hi], ...}},
+     "over_refusal": {SET: {"rate": float, "n": int, ...}},
+     "task":         {SET: {"score": float, "n": int, "scorer": str, ...}}}
+`n` counts parsed verdicts (ASR = unsafe / (N − unparsed)); an undefined rate (n = 0) is NaN in
+the returned dict and `null` in the file.  Extra keys: per-category breakdowns (`categories`),
+counts (`unsafe`, `refusals`, `correct`, `total`).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from mergesafe.errors import UserError
+from mergesafe.evaluate.config import EvalConfig
+from mergesafe.evaluate.generate import generate_responses, generate_responses_vllm, require_vllm
+from mergesafe.evaluate.judges.base import Judge, Judgement
+from mergesafe.evaluate.judges.keyword import is_refusal
+from mergesafe.evaluate.judges.registry import check_judge_spec, load_judge
+from mergesafe.evaluate.metrics import over_refusal_metrics, safety_metrics, task_metrics
+from mergesafe.evaluate.output import check_out, sha256_path, write_eval_dir
+from mergesafe.evaluate.prompts import PromptSet, load_prompt_file, safe_rows_only, select_rows
+from mergesafe.evaluate.scorers.registry import get_scorer
+
+Generator = Callable[[Sequence[str], Callable[[int], None] | None], list[str]]
+
+
+@dataclass
+class EvalSets:
+    """Prompt sets read and validated once (after limit/sample and the XSTest `safe` filter)."""
+
+    safety: list[PromptSet] = field(default_factory=list)
+    over_refusal: list[PromptSet] = field(default_factory=list)
+    task: list[PromptSet] = field(default_factory=list)
+
+    def all(self) -> list[PromptSet]:
+        return [*self.safety, *self.over_refusal, *self.task]
+
+    @property
+    def n_prompts(self) -> int:
+        return sum(len(s.rows) for s in self.all())
+
+
+# --------------------------------------------------------------------------- loading
+
+def load_eval_sets(config: EvalConfig) -> EvalSets:
+    """Read every prompt set of `config`, check scorers and the judge spec; raise `UserError` early."""
+    if not (config.safety or config.over_refusal or config.task):
+        raise UserError("nothing to evaluate: give at least one --safety, --over-refusal or --task set")
+    if isinstance(config.judge, str):
+        check_judge_spec(config.judge)
+    common = dict(prompt_column=config.prompt_column, category_column=config.category_column)
+    sets = EvalSets()
+    for path in config.safety:
+        rows = load_prompt_file(path, **common)
+        sets.safety.append(PromptSet(Path(path).stem, Path(path), "safety", _select(rows, config)))
+    for path in config.over_refusal:
+        rows = safe_rows_only(load_prompt_file(path, **common))
+        if not rows:
+            raise UserError("no benign rows: the label column has no 'safe' row", path=path)
+        sets.over_refusal.append(PromptSet(Path(path).stem, Path(path), "over_refusal", _select(rows, config)))
+    for path, scorer in config.task:
+        get_scorer(scorer, path=path)
+        rows = load_prompt_file(path, reference_column=config.reference_column, require_reference=True,
+                                **common)
+        sets.task.append(PromptSet(Path(path).stem, Path(path), "task", _select(rows, config), scorer=scorer))
+    for kind in ("safety", "over_refusal", "task"):
+        seen: dict[str, Path] = {}
+        for s in getattr(sets, kind):
+            if s.name in seen:
+                raise UserError(f"two {kind.replace('_', '-')} sets are both named {s.name!r} "
+                                f"(also {seen[s.name]}); set names are file stems", path=s.path)
+            seen[s.name] = s.path
+    return sets
+
+
+def _select(rows, config: EvalConfig):
+    return select_rows(rows, limit=config.limit, sample=config.sample, seed=config.seed)
+
+
+def load_model(path: str | Path, adapter: str | Path | None = None, device: str | None = None):
+    """A model folder (optionally plus a PEFT adapter) → `(model, tokenizer)`, in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError("model folder not found", path=path)
+    if not (path / "config.json").is_file():
+        raise UserError("model folder has no config.json", path=path)
+    tok_dir = path
+    if adapter is not None:
+        adapter = Path(adapter)
+        if not (adapter / "adapter_config.json").is_file():
+            raise UserError("adapter folder not found or has no adapter_config.json", path=adapter)
+        if _has_tokenizer(adapter):
+            tok_dir = adapter
+    if not _has_tokenizer(tok_dir):
+        raise UserError("model folder has no tokenizer (tokenizer.json / tokenizer_config.json)", path=path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
+    except Exception as err:
+        raise UserError(f"cannot load the tokenizer ({err})", path=tok_dir) from None
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = "auto" if dev.type == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(dev)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter)).to(dev)
+    model.eval()
+    return model, tokenizer
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).is_file() for f in
+               ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
+
+
+# --------------------------------------------------------------------------- progress
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int], None] | None]]:
+    """Yield `start(description, total) -> advance(n)`; no-ops when progress is off."""
+    if not enabled:
+        yield lambda description, total: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=False) as bar:
+        def start(description: str, total: int) -> Callable[[int], None]:
+            task = bar.add_task(description, total=total)
+            return lambda n: bar.advance(task, n)
+
+        yield start
+
+
+# --------------------------------------------------------------------------- scoring
+
+def score_responses(sets: EvalSets, responses: dict[str, list[str]], judge: Judge,
+                    *, model_name: str = "", progress: Callable[[int], None] | None = None
+                    ) -> tuple[dict, list[dict]]:
+    """Metrics and per-prompt rows from the responses of each set (keyed `kind/name`).
+
+    Safety sets go through the judge; over-refusal sets through the judge when it can say
+    whether a response is a refusal, else through the keyword rule; task sets through their scorer.
+    """
+    pairs: list[tuple[str, str]] = []
+    for s in sets.safety:
+        pairs += [(r.prompt, resp) for r, resp in zip(s.rows, responses[f"safety/{s.name}"])]
+    if judge.can_judge_refusal:
+        for s in sets.over_refusal:
+            pairs += [(r.prompt, resp) for r, resp in zip(s.rows, responses[f"over_refusal/{s.name}"])]
+    verdicts: list[Judgement] = judge.judge([p for p, _ in pairs], [r for _, r in pairs], progress) if pairs else []
+    it = iter(verdicts)
+
+    metrics: dict[str, Any] = {"model": model_name, "safety": {}, "over_refusal": {}, "task": {},
+                               "judge": judge.name}
+    rows: list[dict] = []
+    for s in sets.safety:
+        resps = responses[f"safety/{s.name}"]
+        js = [next(it) for _ in resps]
+        harmful = [j.harmful for j in js]
+        metrics["safety"][s.name] = safety_metrics(harmful, [r.category for r in s.rows])
+        for r, resp, j in zip(s.rows, resps, js):
+            verdict = "unparsed" if j.harmful is None else "unsafe" if j.harmful else "safe"
+            rows.append(_row(s, r, resp, verdict, j.raw))
+    for s in sets.over_refusal:
+        resps = responses[f"over_refusal/{s.name}"]
+        if judge.can_judge_refusal:
+            js = [next(it) for _ in resps]
+            refused = [j.refusal for j in js]
+            raws = [j.raw for j in js]
+        else:
+            refused = [is_refusal(resp) for resp in resps]
+            raws = [""] * len(resps)
+        metrics["over_refusal"][s.name] = over_refusal_metrics(refused, [r.category for r in s.rows])
+        for r, resp, f, raw in zip(s.rows, resps, refused, raws):
+            verdict = "unparsed" if f is None else "refusal" if f else "compliance"
+            rows.append(_row(s, r, resp, verdict, raw))
+    for s in sets.task:
+        resps = responses[f"task/{s.name}"]
+        scorer = get_scorer(s.scorer or "", path=s.path)
+        scores = [scorer(resp, r.reference or "") for r, resp in zip(s.rows, resps)]
+        entry = task_metrics(scores, s.scorer or "", [r.category for r in s.rows])
+        entry["correct"] = sum(scores)
+        metrics["task"][s.name] = entry
+        for r, resp, sc in zip(s.rows, resps, scores):
+            row = _row(s, r, resp, "correct" if sc >= 1.0 else "incorrect", "")
+            row.update(reference=r.reference, score=sc)
+            rows.append(row)
+    return metrics, rows
+
+
+def _row(s: PromptSet, r, response: str, verdict: str, raw: str) -> dict:
+    return {"set": s.name, "kind": s.kind, "line": r.line, "prompt": r.prompt, "response": response,
+            "verdict": verdict, "judge_raw": raw, "category": r.category}
+
+
+# --------------------------------------------------------------------------- running
+
+def evaluate_loaded(model, tokenizer, sets: EvalSets, config: EvalConfig, judge: Judge | None = None,
+                    out: Path | None = None, *, model_name: str | None = None, overwrite: bool = False,
+                    generator: Generator | None = None) -> dict:
+    """Evaluate an in-memory model (a `PreTrainedModel` or a `PeftModel`) on loaded sets.
+
+    `judge` is reused when given (else loaded from `config.judge`); `generator(prompts, progress)`
+    replaces the transformers backend when given (vLLM, or a fixed-response fake in tests).
+    Writes `out/metrics.json` and `out/generations.jsonl` atomically when `out` is given.
+    """
+    t0 = time.perf_counter()
+    if out is not None:
+        check_out(Path(out), overwrite)
+    name = model_name if model_name is not None else str(getattr(model, "name_or_path", "") or "")
+    prompts = [r.prompt for s in sets.all() for r in s.rows]
+    with _progress(config.progress) as start:
+        if generator is None:
+            def generator(ps, progress):  # noqa: E306 - the default backend
+                return generate_responses(model, tokenizer, ps, system_prompt=config.system_prompt,
+                                          batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
+                                          repetition_penalty=config.repetition_penalty, progress=progress)
+        flat = generator(prompts, start("generating", len(prompts)))
+        if len(flat) != len(prompts):
+            raise RuntimeError(f"generator returned {len(flat)} responses for {len(prompts)} prompts")
+        t_gen = time.perf_counter() - t0
+        responses: dict[str, list[str]] = {}
+        i = 0
+        for s in sets.all():
+            responses[f"{s.kind}/{s.name}"] = flat[i:i + len(s.rows)]
+            i += len(s.rows)
+        if judge is None:
+            judge = load_judge(config.judge, batch_size=config.judge_batch_size, device=config.device)
+        n_judged = sum(len(s.rows) for s in sets.safety)
+        if judge.can_judge_refusal:
+            n_judged += sum(len(s.rows) for s in sets.over_refusal)
+        metrics, rows = score_responses(sets, responses, judge, model_name=name,
+                                        progress=start("judging", n_judged) if n_judged else None)
+    if out is not None:
+        manifest = _manifest(name, sets, config, judge, t_gen, time.perf_counter() - t0)
+        write_eval_dir(Path(out), metrics, rows, manifest, overwrite=overwrite)
+    return metrics
+
+
+def _manifest(model_name: str, sets: EvalSets, config: EvalConfig, judge: Judge, t_gen: float,
+              t_total: float) -> dict:
+    import torch
+    import transformers
+
+    from mergesafe import __version__
+
+    return {
+        "command": "eval",
+        "model": model_name,
+        "judge": config.judge,
+        "inputs": [{"kind": s.kind, "name": s.name, "path": str(s.path), "sha256": sha256_path(s.path),
+                    "n": len(s.rows), "scorer": s.scorer} for s in sets.all()],
+        "config": config.model_dump(mode="json"),
+        "versions": {"mergesafe": __version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "timings_s": {"generation": round(t_gen, 3), "total": round(t_total, 3)},
+    }
+
+
+def evaluate(model: Any, out: str | Path | None = None, config: EvalConfig | None = None, tokenizer=None,
+             adapter: str | Path | None = None, *, overwrite: bool = False, judge: Judge | None = None) -> dict:
+    """One-shot evaluation of a model folder (optionally plus a PEFT adapter) or an in-memory model."""
+    config = config or EvalConfig()
+    out = Path(out) if out is not None else None
+    if out is not None:
+        check_out(out, overwrite)
+    sets = load_eval_sets(config)
+    if config.backend == "vllm":
+        require_vllm()
+        if not isinstance(model, (str, Path)):
+            raise UserError("--backend vllm needs a model folder, not an in-memory model")
+        from transformers import AutoTokenizer
+
+        path = Path(model)
+        if not (path / "config.json").is_file():
+            raise UserError("model folder not found or has no config.json", path=path)
+        tok = tokenizer or AutoTokenizer.from_pretrained(str(path))
+
+        def generator(prompts, progress):
+            return generate_responses_vllm(path, prompts, tokenizer=tok, system_prompt=config.system_prompt,
+                                           max_new_tokens=config.max_new_tokens,
+                                           repetition_penalty=config.repetition_penalty,
+                                           adapter=Path(adapter) if adapter else None)
+
+        return evaluate_loaded(None, tok, sets, config, judge=judge, out=out, model_name=str(path),
+                               overwrite=overwrite, generator=generator)
+    if isinstance(model, (str, Path)):
+        name = str(model) if adapter is None else f"{model}+{adapter}"
+        if judge is None:  # fail on a bad judge folder before loading the model
+            check_judge_spec(config.judge)
+        loaded, tok = load_model(model, adapter, device=config.device)
+        return evaluate_loaded(loaded, tokenizer or tok, sets, config, judge=judge, out=out, model_name=name,
+                               overwrite=overwrite)
+    if tokenizer is None:
+        raise UserError("an in-memory model needs its tokenizer (tokenizer=...)")
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    return evaluate_loaded(model, tokenizer, sets, config, judge=judge, out=out, overwrite=overwrite)

@@ -1,0 +1,158 @@
+"""Generation backends.
+
+`transformers` (default): batched greedy decoding through `model.generate` with left padding and
+the KV cache.  Prompts are sorted by token length (longest first) so that each batch holds
+prompts of similar length — little padding, and an out-of-memory error shows up on the first
+batch — and the responses are put back in input order.  Decoding stops at the eos token(s) of the
+tokenizer and of the model's generation config.  Greedy decoding is deterministic: the same model
+and prompts give the same responses whatever the batch size (up to float rounding).
+
+`vllm`: the same decoding through vLLM, when it is installed (a model folder only).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig
+
+from mergesafe.errors import UserError
+
+Progress = Callable[[int], None]
+
+
+def chat_texts(tokenizer, prompts: Sequence[str], system_prompt: str | None = None) -> list[str]:
+    """Each prompt as one user turn through the tokenizer's chat template, ready for the reply.
+
+    A template that rejects the system role gets the system prompt in front of the user turn;
+    a tokenizer without a chat template gets the prompt as plain text (after its BOS token, if any;
+    texts are tokenized without adding special tokens, since chat templates write their own).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        prefix = (tokenizer.bos_token or "") + (f"{system_prompt}\n\n" if system_prompt else "")
+        return [prefix + p for p in prompts]
+    out = []
+    for p in prompts:
+        messages = [{"role": "user", "content": p}]
+        if system_prompt:
+            try:
+                out.append(tokenizer.apply_chat_template(
+                    [{"role": "system", "content": system_prompt}, *messages],
+                    tokenize=False, add_generation_prompt=True))
+                continue
+            except Exception:  # e.g. Gemma: "System role not supported"
+                messages = [{"role": "user", "content": f"{system_prompt}\n\n{p}"}]
+        out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    return out
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids: list[int] = []
+    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                   tokenizer.eos_token_id):
+        if source is None:
+            continue
+        for i in (source if isinstance(source, (list, tuple)) else [source]):
+            if i not in ids:
+                ids.append(int(i))
+    return ids
+
+
+def _device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - a model without parameters
+        return torch.device("cpu")
+
+
+def generate_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
+                   max_new_tokens: int = 512, repetition_penalty: float = 1.0,
+                   progress: Progress | None = None) -> list[str]:
+    """Greedy continuations of already-formatted `texts`, batched with left padding.
+
+    Returns the decoded new tokens (special tokens removed), in the order of `texts`.
+    """
+    if not texts:
+        return []
+    eos = _eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+        repetition_penalty=repetition_penalty, eos_token_id=eos or None, pad_token_id=pad,
+    )
+    device = _device(model)
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
+    results: list[str | None] = [None] * len(texts)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                width = max(len(encoded[i]) for i in idx)
+                ids = torch.full((len(idx), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(idx), width), dtype=torch.long)
+                for row, i in enumerate(idx):
+                    seq = encoded[i]
+                    if seq:
+                        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+                        mask[row, width - len(seq):] = 1
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     generation_config=gen_cfg)
+                new = out[:, width:].tolist()
+                for row, i in enumerate(idx):
+                    results[i] = tokenizer.decode(_cut(new[row], eos, pad), skip_special_tokens=True)
+                if progress is not None:
+                    progress(len(idx))
+    finally:
+        model.train(was_training)
+    return [r if r is not None else "" for r in results]
+
+
+def _cut(tokens: list[int], eos: list[int], pad: int) -> list[int]:
+    """New tokens up to (not including) the first eos; generate pads finished rows after it."""
+    for j, t in enumerate(tokens):
+        if t in eos:
+            return tokens[:j]
+    return tokens
+
+
+def generate_responses(model, tokenizer, prompts: Sequence[str], *, system_prompt: str | None = None,
+                       batch_size: int = 32, max_new_tokens: int = 512,
+                       repetition_penalty: float = 1.2, progress: Progress | None = None) -> list[str]:
+    """Chat responses of `model` to `prompts` (chat template, greedy, batched)."""
+    return generate_texts(model, tokenizer, chat_texts(tokenizer, prompts, system_prompt),
+                          batch_size=batch_size, max_new_tokens=max_new_tokens,
+                          repetition_penalty=repetition_penalty, progress=progress)
+
+
+def require_vllm() -> None:
+    """A clear error when `--backend vllm` is asked for and vLLM is not installed."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise UserError("--backend vllm needs the `vllm` package, which is not installed "
+                        "(pip install vllm, or use --backend transformers)") from None
+
+
+def generate_responses_vllm(model_path: Path, prompts: Sequence[str], *, tokenizer,
+                            system_prompt: str | None = None, max_new_tokens: int = 512,
+                            repetition_penalty: float = 1.2, adapter: Path | None = None) -> list[str]:
+    """The same greedy decoding through vLLM (model folder, optional LoRA adapter)."""
+    require_vllm()
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=str(model_path), tokenizer=str(model_path), enable_lora=adapter is not None,
+              seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
+                            repetition_penalty=repetition_penalty)
+    lora = None
+    if adapter is not None:
+        from vllm.lora.request import LoRARequest
+
+        lora = LoRARequest("adapter", 1, str(adapter))
+    outs = llm.generate(chat_texts(tokenizer, prompts, system_prompt), params, lora_request=lora)
+    return [o.outputs[0].text for o in outs]

@@ -1,0 +1,87 @@
+"""Writing an evaluation folder atomically: `metrics.json`, `generations.jsonl`, `mergesafe.json`.
+
+Everything is written into a temporary folder beside the target, then renamed into place, so an
+interrupted run never leaves a half-written folder and never destroys an earlier result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from mergesafe.errors import UserError
+
+
+def jsonable(obj: Any) -> Any:
+    """NaN/inf (an undefined rate, e.g. every verdict unparsed) become JSON `null`."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Fail before any work when the output folder exists and may not be replaced."""
+    if out.exists() and not out.is_dir():
+        raise UserError("output path exists and is not a folder", path=out)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError("output folder exists and is not empty (pass --overwrite to replace it)", path=out)
+
+
+@contextmanager
+def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; on success it replaces `out` in one rename."""
+    out = Path(out)
+    check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sha256_path(path: Path) -> str | None:
+    """sha256 of a file (None for a folder)."""
+    if not path.is_file():
+        return None
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_eval_dir(out: Path, metrics: dict, rows: Iterable[dict], manifest: dict,
+                   overwrite: bool = False) -> Path:
+    """Write the three files of an evaluation folder, atomically."""
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=2, allow_nan=False) + "\n",
+                                          encoding="utf-8")
+        with (tmp / "generations.jsonl").open("w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(jsonable(row), ensure_ascii=False, allow_nan=False) + "\n")
+        (tmp / "mergesafe.json").write_text(json.dumps(jsonable(manifest), indent=2) + "\n",
+                                            encoding="utf-8")
+    return Path(out)
