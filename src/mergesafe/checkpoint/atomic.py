@@ -1,0 +1,151 @@
+"""Atomic output folders: a result appears complete under its final name, or not at all.
+
+``atomic_output_dir(out, overwrite)`` yields a fresh temporary folder beside ``out`` (same
+parent, so the final ``rename`` is atomic on one file system).  On success the folder is renamed
+to ``out``; on any exception -- including Ctrl-C (KeyboardInterrupt) and ``kill`` (SIGTERM and
+SIGHUP, turned into :class:`Terminated` while the context is active) -- the temporary folder is
+removed and ``out`` is left as it was.  An existing non-empty ``out`` is refused with a
+:class:`UserError` unless ``overwrite``; with ``overwrite`` the old folder is replaced only once
+the new one is complete.  (A SIGKILL cannot be caught: it may leave a hidden
+``.<name>.tmp-*`` folder beside ``out``, never a partial ``out``.)
+
+Used by every command that writes a folder (merge, finetune, sweep, demo)::
+
+    with atomic_output_dir(out, overwrite=args.overwrite) as tmp:
+        write_everything_into(tmp)
+    # here `out` exists and is complete
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from mergesafe.errors import UserError
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when SIGTERM/SIGHUP arrives inside ``atomic_output_dir``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s)
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001 - signal handler signature
+    raise Terminated(signum)
+
+
+@contextmanager
+def signals_raise() -> Iterator[None]:
+    """While active (main thread only), SIGTERM and SIGHUP raise :class:`Terminated`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_terminated) for s in _SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+@contextmanager
+def _signals_ignored() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in _SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an existing non-empty ``out`` unless ``overwrite``; return the absolute path.
+
+    Call it early (before any long work) to fail fast; ``atomic_output_dir`` checks again.
+    """
+    out = Path(out).expanduser().absolute()
+    if out.exists() or out.is_symlink():
+        if out.is_dir() and not out.is_symlink():
+            if any(out.iterdir()) and not overwrite:
+                raise UserError("output folder exists and is not empty (pass --overwrite to replace it)",
+                                out)
+        elif not overwrite:
+            raise UserError("output path exists and is not a folder (pass --overwrite to replace it)",
+                            out)
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists() or out.is_symlink():
+        empty_dir = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
+        if empty_dir:
+            out.rmdir()
+        elif not overwrite:
+            raise UserError("output folder appeared while writing and is not empty; result discarded",
+                            out)
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old.rmdir()
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            _remove(old)
+            return
+    os.replace(tmp, out)
+
+
+@contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; rename it to ``out`` on success, delete it on error.
+
+    See the module docstring.  Raises :class:`UserError` when ``out`` exists and is not empty
+    and ``overwrite`` is false.
+    """
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+    except OSError:
+        pass
+    try:
+        with signals_raise():
+            yield tmp
+            _commit(tmp, out, overwrite)
+    except BaseException:
+        with _signals_ignored():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise

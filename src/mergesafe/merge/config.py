@@ -1,0 +1,302 @@
+"""mergekit YAML configurations (the ``models:`` form), as in mergekit 0.1.5.
+
+Supported keys: ``models`` (each ``{model: PATH, parameters: {...}}``; ``PATH+ADAPTER`` applies a
+LoRA adapter, as in mergekit), ``base_model``, ``merge_method``, ``parameters``, ``dtype``,
+``out_dtype``, ``tokenizer_source`` (``base``, a model path, or absent: the base model's, else the
+first model's).  Anything else (``slices``, ``modules``, ``tokenizer``, ``chat_template``,
+``tokenizer_source: union``, ...) is refused with a message that names it.
+
+Parameter values follow mergekit's ``evaluate_setting``:
+
+* a scalar;
+* a gradient: a list of numbers interpolated over layer depth ``t = layer / (num_layers − 1)``
+  (``t = 0`` for tensors outside the layers: embeddings, final norm, LM head; ``t = 1`` with a
+  single layer); a list of booleans/strings picks ``values[int(t·(n−1))]``;
+* conditions: ``{filter: SUBSTRING, value: ...}`` or a list of them, the first whose filter is a
+  substring of the tensor name (or is absent / ``*``) wins.
+
+Per-model parameters (``weight``, ``density``, ``gamma``, ``epsilon``) are looked up in the model's
+own ``parameters`` first, then in the global ``parameters``; shared ones (``normalize``,
+``lambda``, ``t``, ...) in the global ``parameters`` only.  Inputs are rounded to ``dtype`` if
+given (mergekit loads them so), computation is float32, output is ``out_dtype``, else ``dtype``,
+else the base model's dtype.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from mergesafe.checkpoint import open_adapter, open_checkpoint
+from mergesafe.errors import UserError
+from mergesafe.merge.engine import merge_group
+from mergesafe.merge.registry import MethodSpec, ParamSpec, check_della, get_method
+from mergesafe.merge.stream import Source, StreamPlan, parse_dtype, tokenizer_folder
+
+SUPPORTED_KEYS = ("models", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
+                  "tokenizer_source")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+_WEIGHT = ParamSpec("weight", float, help="model weight")
+
+
+def _load_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise UserError("no such file", path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise UserError(f"invalid YAML: {str(err).splitlines()[0]}", path) from None
+    if not isinstance(data, dict):
+        raise UserError("a mergekit config must be a mapping", path)
+    return data
+
+
+def _model_ref(value: Any, path: Path, where: str) -> str:
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise UserError(f"{where}: expected a model path, got {value!r}", path)
+
+
+class ConfigModel:
+    """One model reference of the config, opened."""
+
+    def __init__(self, ref: str, config_dir: Path, allow_pickle: bool, base_cache: dict) -> None:
+        self.ref = ref
+        model, _, lora = ref.partition("+")
+        self.path = self._locate(model, config_dir)
+        self.lora = self._locate(lora, config_dir) if lora else None
+        key = str(self.path)
+        if key not in base_cache:
+            base_cache[key] = open_checkpoint(self.path, allow_pickle=allow_pickle)
+        self.ckpt = base_cache[key]
+        if self.lora is not None:
+            self.ckpt = open_adapter(self.lora, self.ckpt, allow_pickle=allow_pickle)
+
+    @staticmethod
+    def _locate(p: str, config_dir: Path) -> Path:
+        path = Path(p).expanduser()
+        if not path.exists() and not path.is_absolute() and (config_dir / path).exists():
+            path = config_dir / path
+        if not path.exists():
+            raise UserError("no such file or folder (referenced in the config)", path)
+        return path
+
+
+def _evaluate(setting: Any, name: str, t: float, spec: ParamSpec, method: str) -> Any:
+    """mergekit ``evaluate_setting``; returns None when no condition matches."""
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, (bool, int, float, str)):
+        return spec.coerce(setting, method)
+    if isinstance(setting, list):
+        if not setting:
+            return None
+        if all(isinstance(e, (bool, int, float, str)) for e in setting):
+            values = [spec.coerce(e, method) for e in setting]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                return values[int(t * (len(values) - 1))]
+            scaled = t * (len(setting) - 1)
+            i0 = int(scaled)
+            i1 = min(len(setting) - 1, i0 + 1)
+            frac = scaled - i0
+            return spec.coerce((1 - frac) * values[i0] + frac * values[i1], method)
+        for cond in setting:
+            if not isinstance(cond, dict) or "value" not in cond or set(cond) - {"value", "filter"}:
+                raise UserError(f"parameter {spec.name!r}: expected {{filter, value}} conditions, "
+                                f"got {cond!r}")
+            flt = cond.get("filter")
+            if flt is None or flt == "*" or (name and str(flt) in name):
+                return _evaluate(cond["value"], name, t, spec, method)
+        return None
+    raise UserError(f"parameter {spec.name!r}: unexpected value {setting!r}")
+
+
+def _check_param_names(params: Any, spec: MethodSpec, allowed_weight: bool, where: str,
+                       path: Path) -> dict:
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise UserError(f"{where}: parameters must be a mapping", path)
+    for key in params:
+        if key == "weight" and allowed_weight:
+            continue
+        if spec.param(key) is None:
+            allowed = ", ".join((["weight"] if allowed_weight else []) + spec.param_names)
+            raise UserError(f"{where}: unknown parameter {key!r} for method {spec.name} "
+                            f"(allowed: {allowed})", path)
+    return params
+
+
+class ConfigResolver:
+    """Resolves every parameter of every tensor from the config."""
+
+    def __init__(self, spec: MethodSpec, global_params: dict, model_params: list[dict],
+                 num_layers: int | None) -> None:
+        self.spec = spec
+        self.global_params = global_params
+        self.model_params = model_params
+        self.num_layers = num_layers
+
+    def t_of(self, name: str) -> float:
+        m = _LAYER.search(name)
+        if not m:
+            return 0.0
+        n = self.num_layers
+        if not n or n <= 1:
+            return 1.0
+        return int(m.group(1)) / (n - 1)
+
+    def _resolve(self, ps: ParamSpec, scopes: list[dict], name: str, t: float, who: str) -> Any:
+        for scope in scopes:
+            if scope and ps.name in scope:
+                v = _evaluate(scope[ps.name], name, t, ps, self.spec.name)
+                if v is not None:
+                    return v
+        if ps.required:
+            raise UserError(f"missing required parameter {ps.name!r} for {who} (tensor {name})")
+        return ps.default
+
+    def shared(self, name: str) -> dict[str, Any]:
+        t = self.t_of(name)
+        out = {ps.name: self._resolve(ps, [self.global_params], name, t, "the merge")
+               for ps in self.spec.params if ps.scope == "shared"}
+        if self.spec.kind == "slerp" and out.get("t") is None:
+            raise UserError(f"missing required parameter 't' for slerp (tensor {name})")
+        return out
+
+    def per_model(self, index: int, name: str, who: str) -> dict[str, Any]:
+        t = self.t_of(name)
+        scopes = [self.model_params[index], self.global_params]
+        out = {ps.name: self._resolve(ps, scopes, name, t, who)
+               for ps in self.spec.params if ps.scope == "model"}
+        if self.spec.uses_weight and self.spec.kind != "slerp":
+            out["weight"] = self._resolve(_WEIGHT, scopes, name, t, who)
+        if "epsilon" in out:
+            check_della(self.spec.name, out["density"], out["epsilon"])
+        return out
+
+
+def build_config_plan(config_path: str | Path, *, seed: int = 0, allow_pickle: bool = False,
+                      dtype: str | None = None) -> StreamPlan:
+    """Parse a mergekit YAML file and return the :class:`StreamPlan` of its merge."""
+    path = Path(config_path).expanduser()
+    data = _load_yaml(path)
+    unsupported = [k for k in data if k not in SUPPORTED_KEYS]
+    if unsupported:
+        raise UserError(f"unsupported mergekit config key(s): {', '.join(map(str, unsupported))} "
+                        f"(mergesafe supports: {', '.join(SUPPORTED_KEYS)})", path)
+    if "merge_method" not in data:
+        raise UserError("merge_method is missing", path)
+    spec = get_method(str(data["merge_method"]))
+    models = data.get("models")
+    if not isinstance(models, list) or not models:
+        raise UserError("models must be a non-empty list", path)
+    tok_src = data.get("tokenizer_source")
+    if tok_src == "union":
+        raise UserError("tokenizer_source: union is not supported (use base or a model path)", path)
+    global_params = _check_param_names(data.get("parameters"), spec, True, "parameters", path)
+    cache: dict = {}
+    cdir = path.parent.absolute()
+    entries = []
+    for i, m in enumerate(models):
+        where = f"models[{i}]"
+        if isinstance(m, str):
+            m = {"model": m}
+        if not isinstance(m, dict) or "model" not in m:
+            raise UserError(f"{where}: expected {{model: PATH, parameters: ...}}", path)
+        bad = [k for k in m if k not in ("model", "parameters")]
+        if bad:
+            raise UserError(f"{where}: unsupported key(s): {', '.join(bad)}", path)
+        ref = _model_ref(m["model"], path, where)
+        params = _check_param_names(m.get("parameters"), spec, True, where, path)
+        entries.append((ref, params))
+    base_ref = _model_ref(data["base_model"], path, "base_model") if data.get("base_model") else None
+    refs = [r for r, _ in entries]
+    if len(set(refs)) != len(refs):
+        raise UserError("a model is listed twice in models", path)
+    opened = {r: ConfigModel(r, cdir, allow_pickle, cache) for r in refs}
+    if base_ref is not None and base_ref not in opened:
+        opened[base_ref] = ConfigModel(base_ref, cdir, allow_pickle, cache)
+
+    # inputs in mergekit's order: the models, then the base if it was not listed
+    if spec.kind == "linear":
+        inputs = [(r, p) for r, p in entries]
+        if base_ref is not None and base_ref not in refs:
+            inputs.append((base_ref, {}))
+        base_input = None
+    else:
+        if base_ref is None:
+            raise UserError(f"merge method {spec.name} needs a base_model", path)
+        inputs = [(r, p) for r, p in entries if r != base_ref]
+        base_input = base_ref
+    n = len(inputs)
+    if spec.kind == "slerp" and n != 1:
+        raise UserError(f"slerp needs the base model and exactly one other model, got {n} others",
+                        path)
+    if spec.kind == "model_stock" and n < 2:
+        raise UserError(f"model_stock needs the base model and at least two others, got {n}", path)
+    if n < 1:
+        raise UserError("no models to merge besides the base", path)
+
+    labels = {r: (f"base_model {r}" if r == base_ref else f"model {r}") for r in opened}
+    ref_key = base_ref if base_ref is not None else refs[0]
+    sources = {r: Source(labels[r], opened[r].ckpt) for r in opened}
+    reference = sources[ref_key]
+    order = ([base_input] if base_input else []) + [r for r, _ in inputs]
+    num_layers = reference.ckpt.config.get("num_hidden_layers")
+    resolver = ConfigResolver(spec, global_params, [p for _, p in inputs], num_layers)
+    in_labels = [sources[r].label for r, _ in inputs]
+    base_label = sources[base_input].label if base_input else None
+    pre_index = -1 if base_input else (in_labels.index(reference.label))
+    is_lin = spec.kind == "linear"
+
+    def compute(name: str, loaded: dict[str, torch.Tensor]) -> torch.Tensor:
+        shared = resolver.shared(name)
+        per = [resolver.per_model(i, name, in_labels[i]) for i in range(n)]
+        weights = [p.get("weight", 1.0) for p in per]
+        model_params = {ps.name: [p[ps.name] for p in per]
+                        for ps in spec.params if ps.scope == "model"}
+        base_t = loaded[base_label] if base_label else None
+        return merge_group(spec, name, base_t, [loaded[lab] for lab in in_labels], weights,
+                           model_params, shared, seed, pre_index=pre_index if is_lin else -1,
+                           labels=([base_label] if base_label else []) + in_labels,
+                           consume=True)  # loaded tensors are ours
+
+    # tokenizer: mergekit copies the donor's (base_model, else the first model) unless told
+    if tok_src in (None, "base"):
+        donor = sources[ref_key]
+    else:
+        tref = str(tok_src)
+        if tref not in sources:
+            raise UserError(f"tokenizer_source {tref!r} is not one of the config's models", path)
+        donor = sources[tref]
+    out_dtype = parse_dtype(data.get("out_dtype"), "out_dtype") or parse_dtype(
+        data.get("dtype"), "dtype")
+    if dtype is not None:
+        out_dtype = parse_dtype(dtype)
+    plan = StreamPlan(
+        kind="merge",
+        reference=reference,
+        sources=[sources[r] for r in order],
+        compute=compute,
+        out_dtype=out_dtype,
+        input_dtype=parse_dtype(data.get("dtype"), "dtype"),
+        tokenizer_src=tokenizer_folder(donor, reference),
+        generation_src=[donor.dir, reference.dir],
+        elementwise=spec.kind == "linear" or spec.name == "task_arithmetic",
+        manifest={
+            "method": spec.name,
+            "params": {"parameters": global_params,
+                       "models": {r: p for r, p in entries}},
+            "seed": seed,
+            "config": data,
+            "inputs": {"config": path.absolute(),
+                       "base_model": sources[base_ref] if base_ref else None,
+                       "models": [sources[r] for r in refs]},
+        },
+    )
+    return plan
