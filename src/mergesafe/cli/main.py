@@ -23,10 +23,14 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    # One module per command; each exposes `command`, a plain Typer command function.
-    from mergesafe.cli import merge_cmd
+    # One module per command (`cli/<name>_cmd.py`); each exposes `command`, and its module
+    # docstring is the command's help text.
+    import importlib
 
-    app.command("merge", help=merge_cmd.__doc__)(merge_cmd.command)
+    for name, module in (("finetune", "finetune_cmd"), ("merge", "merge_cmd"), ("eval", "eval_cmd"),
+                         ("sweep", "sweep_cmd"), ("demo", "demo_cmd")):
+        mod = importlib.import_module(f"mergesafe.cli.{module}")
+        app.command(name, help=mod.__doc__)(mod.command)
 
 
 _register()

@@ -8,9 +8,9 @@ parameters: :func:`mergesafe.merge.registry.validate_params`.
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import Any
+
+from mergesafe._callable import make_callable
 
 
 def __getattr__(name: str) -> Any:
@@ -29,13 +29,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'mergesafe.merge' has no attribute {name!r}")
 
 
-class _CallableModule(types.ModuleType):
-    """Make ``mergesafe.merge(...)`` call :func:`mergesafe.merge.api.merge`."""
-
-    def __call__(self, *args: Any, **kwargs: Any):
-        from mergesafe.merge.api import merge
-
-        return merge(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+make_callable(__name__, "mergesafe.merge.api", "merge")

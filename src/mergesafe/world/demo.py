@@ -1,0 +1,160 @@
+"""`run_demo`: the whole mergesafe loop in the miniature world, on a CPU, in minutes.
+
+data → stage 0 (unaligned) → stage 1 (aligned = pre) → stage 2 (benign task = post) →
+`mergesafe.sweep` over linear, slerp, ties and dare_linear and a λ grid, judged by the keyword
+judge on held-out harmful prompts, over-refusal probes and the held-out task → table,
+recommendation, `summary.json`, `results.jsonl`, `report.html`, `frontier.png`.
+
+The output folder is built in `OUT.partial` and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergesafe.errors import UserError
+from mergesafe.world.config import WorldConfig
+from mergesafe.world.data import build_world_data, write_eval_sets, write_jsonl
+from mergesafe.world.stages import build_base, build_post
+
+TASK_SCORER = "contains"
+
+
+@dataclass
+class DemoResult:
+    """What `run_demo` measured; `summary` is exactly what `OUT/summary.json` holds."""
+
+    out: Path
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]]
+    recommendation: dict[str, Any]
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def row_metrics(row: dict[str, Any], task_set: str) -> dict[str, float]:
+    """ASR, held-out task score and over-refusal of one sweep row, as fractions in [0, 1]."""
+    return {
+        "asr": _mean([float(v["asr"]) for v in row["safety"].values()]),
+        "task": float(row["task"][task_set]["score"]),
+        "over_refusal": _mean([float(v["rate"]) for v in row["over_refusal"].values()]),
+    }
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError("exists and is not a folder", path=out)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError("output folder exists and is not empty (use --overwrite)", path=out)
+
+
+def _move_into_place(work: Path, out: Path) -> None:
+    """Swap the finished work folder into OUT; an old OUT is removed only after the swap."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(work, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_demo(out: str | Path, quick: bool = False, seed: int = 0, lora: bool = False,
+             overwrite: bool = False, progress: bool = True, cache: bool = True,
+             config: WorldConfig | None = None, console: Any = None) -> DemoResult:
+    """Build the world, sweep the merges, print the table and write OUT (see the module doc)."""
+    from mergesafe.evaluate.config import EvalConfig
+    from mergesafe.sweep.api import sweep
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    _check_out(out, overwrite)
+    cfg = config or (WorldConfig.quick() if quick else WorldConfig.default())
+    console = console or _console()
+    work = out.with_name(out.name + ".partial")
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    try:
+        data = build_world_data(seed, cfg.sizes)
+        files = write_eval_sets(data, work / "data")
+        for name in ("stage0", "stage1", "stage2"):
+            write_jsonl(getattr(data, name), work / "data" / "train" / f"{name}.jsonl")
+        console.print(f"[bold]miniature world[/] seed {seed}{' (quick)' if quick else ''}: "
+                      f"{len(data.stage0)} + {len(data.stage1)} + {len(data.stage2)} training rows; "
+                      f"eval {len(data.eval_harmful)} held-out harmful, {len(data.eval_over_refusal)} "
+                      f"over-refusal probes, {len(data.eval_task)} held-out task questions")
+        base = build_base(data, cfg, seed, progress=progress, cache=cache, workdir=work)
+        if base.cached:
+            console.print(f"stages 0-1: reused from the cache ({base.pre.parent})")
+        post = build_post(base.pre, data, work / "models" / "post", cfg, seed, lora=lora, progress=progress)
+        pre = work / "models" / "pre"
+        shutil.copytree(base.pre, pre)
+
+        eval_config = EvalConfig(
+            safety=[files["harmful"]], over_refusal=[files["over_refusal"]],
+            task=[(files["task"], TASK_SCORER)], judge="keyword", batch_size=cfg.eval_batch_size,
+            max_new_tokens=cfg.max_new_tokens, repetition_penalty=1.0, seed=seed, progress=False)
+        result = sweep(pre, post, work, methods=list(cfg.methods), weights=list(cfg.weights),
+                       eval_config=eval_config, select_on=files["task_val"], asr_tolerance=cfg.asr_tolerance,
+                       refusal_tolerance=cfg.refusal_tolerance, overwrite=True, progress=progress,
+                       seed=seed, title="mergesafe demo: the miniature world")
+        task_set = files["task"].stem
+        rows = result.rows
+        pre_row = next(r for r in rows if r["method"] == "pre")
+        post_row = next(r for r in rows if r["method"] == "post")
+        rec_row = result.recommended_row
+        rec = result.recommendation
+        summary = {
+            "pre": row_metrics(pre_row, task_set),
+            "post": row_metrics(post_row, task_set),
+            "recommended": {"method": rec["method"], "weight": float(rec["weight"]),
+                            **row_metrics(rec_row, task_set)},
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        _move_into_place(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    print_summary(console, rows, rec, task_set, summary)
+    return DemoResult(out=out, summary=summary, rows=rows, recommendation=rec)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+def print_summary(console, rows: list[dict[str, Any]], rec: dict[str, Any], task_set: str,
+                  summary: dict[str, Any]) -> None:
+    """The table (pre, post, every merge) and the recommendation."""
+    from rich.table import Table
+
+    table = Table(title="pre, post and every merge (held-out sets)")
+    for col in ("method", "λ", "ASR ↓", "over-refusal ↓", "task ↑"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for row in rows:
+        m = row_metrics(row, task_set)
+        is_rec = row.get("key") == rec.get("key")
+        style = "bold green" if is_rec else None
+        table.add_row(row["method"] + (" ★" if is_rec else ""), f"{row['weight']:.2f}", f"{m['asr']:.3f}",
+                      f"{m['over_refusal']:.3f}", f"{m['task']:.3f}", style=style)
+    console.print(table)
+    r, pre, post = summary["recommended"], summary["pre"], summary["post"]
+    console.print(
+        f"[bold]recommended:[/] {r['method']} λ={r['weight']:g} — ASR {r['asr']:.3f} "
+        f"(pre {pre['asr']:.3f}, post {post['asr']:.3f}), task {r['task']:.3f} "
+        f"(pre {pre['task']:.3f}, post {post['task']:.3f}), over-refusal {r['over_refusal']:.3f}")
+    if rec.get("reason"):
+        console.print(f"why: {rec['reason']}")
+    console.print(f"done in {summary['seconds']:.0f} s")
