@@ -1,0 +1,22 @@
+"""Safety-restoration kernels compared beside the pre/post merge (issue 7).
+
+One small pure function (or a few) per method, over float32 tensors; each module's docstring
+gives the formula, the paper and the defaults.  No I/O, no CLI: the merge engine, ``harden``
+and ``finetune --ema`` call these tensor by tensor.
+
+* :mod:`.safe_lora` -- Safe LoRA (Hsu et al. 2024): project the least safety-aligned updates.
+* :mod:`.safemerge` -- SafeMERGE (Djuhera et al. 2025): blend with a safety adapter's update.
+* :mod:`.resta` -- RESTA (Bhardwaj et al. 2024): add a scaled safety vector, optional DARE.
+* :mod:`.lox` -- LoX (Perin et al. 2025): extrapolate the top-k alignment directions.
+* :mod:`.ema` -- EMA in parameter space (Kim et al. 2025).
+"""
+
+from mergesafe.restore.ema import ema_update_
+from mergesafe.restore.lox import lox_harden
+from mergesafe.restore.resta import resta
+from mergesafe.restore.safe_lora import (alignment_projector, projection_cosine, safe_lora_update,
+                                         select_layers)
+from mergesafe.restore.safemerge import safemerge_update
+
+__all__ = ["alignment_projector", "ema_update_", "lox_harden", "projection_cosine", "resta",
+           "safe_lora_update", "safemerge_update", "select_layers"]
