@@ -3,12 +3,13 @@
 Builds a ~220M-parameter Llama pair (pre, post = pre + small noise) in float32 and in bfloat16,
 then, for ``linear`` and ``ties`` (density 0.5), runs the two command lines alternately
 (``--repeats`` times each, page cache warmed first) and reports wall time and peak RSS of each
-child process (``os.wait4`` rusage) and the ratios mergesafe / mergekit.  A second table merges
-the same width at two depths with mergesafe (and mergekit) to show that mergesafe's peak RSS does
-not grow with the number of layers.  Targets (2 cores): linear <= 0.35x and ties <= 0.25x
+child process (GNU ``/usr/bin/time``, else the child's rusage) and the ratios
+mergesafe / mergekit.  A second table merges the same width at two depths with mergesafe (and
+mergekit) to show that mergesafe's peak RSS does not grow with the number of layers.  Models are
+built in child processes so that the measuring process stays small.  Targets (2 cores): linear <= 0.35x and ties <= 0.25x
 mergekit's wall time, peak RSS <= 0.5x mergekit's.
 
-    python benchmarks/merge_bench.py [--work DIR] [--repeats 2] [--quick]
+    python benchmarks/merge_bench.py [--work DIR] [--repeats 3] [--quick]
 
 ``--quick`` uses a ~30M model (for a smoke test).  Needs ``mergekit-yaml`` on PATH or next to
 this interpreter.
@@ -26,8 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -43,12 +42,15 @@ def find_tool(name: str) -> str:
 
 
 def build_model(out: Path, *, vocab: int, hidden: int, inter: int, layers: int, heads: int,
-                dtype: torch.dtype, seed: int, base: Path | None = None, noise: float = 0.01) -> Path:
+                dtype: str, seed: int, base: Path | None = None, noise: float = 0.01) -> Path:
     """Write a Llama checkpoint (config.json + model.safetensors + a small tokenizer) directly
     from random tensors (no module initialisation).  With ``base``: base + noise·N(0, 1)."""
+    import torch
     from transformers import LlamaConfig
 
     from mergesafe.checkpoint import OutEntry, StreamingShardWriter, open_checkpoint
+
+    dtype = getattr(torch, dtype)
 
     if (out / "config.json").exists():
         return out
@@ -94,18 +96,43 @@ def build_model(out: Path, *, vocab: int, hidden: int, inter: int, layers: int, 
 
 
 def nparams(folder: Path) -> int:
-    from mergesafe.checkpoint import open_checkpoint
+    """Parameter count from the safetensors header (no torch needed)."""
+    import math
+    import struct
 
-    ck = open_checkpoint(folder)
-    return sum(torch.Size(ck.shape(n)).numel() for n in ck.names())
+    total = 0
+    for f in folder.glob("*.safetensors"):
+        with open(f, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def build_in_child(out: Path, **kwargs) -> Path:
+    """Build a model in a separate process: the measuring process stays small (a child started
+    with vfork would otherwise inherit its peak RSS in the kernel's accounting)."""
+    if (out / "config.json").exists():
+        return out
+    spec = json.dumps({"out": str(out), **{k: (str(v) if isinstance(v, Path) else v)
+                                          for k, v in kwargs.items()}})
+    subprocess.run([sys.executable, __file__, "--build", spec], check=True)
+    return out
+
+
+TIME = "/usr/bin/time"
 
 
 def run(cmd: list[str], out: Path, env: dict | None = None) -> tuple[float, float]:
-    """Run a command; return (wall seconds, peak RSS MiB) of that child."""
+    """Run a command; return (wall seconds, peak RSS MiB) of that child.  Peak RSS comes from
+    GNU time's report when /usr/bin/time exists, else from the child's rusage."""
     shutil.rmtree(out, ignore_errors=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
+    use_time = os.path.exists(TIME)
+    rss_file = out.with_name(out.name + ".rss")
+    full = [TIME, "-f", "%M", "-o", str(rss_file), *cmd] if use_time else cmd
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -113,7 +140,12 @@ def run(cmd: list[str], out: Path, env: dict | None = None) -> tuple[float, floa
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{err[-3000:]}")
     shutil.rmtree(out, ignore_errors=True)
-    return wall, usage.ru_maxrss / 1024  # KiB -> MiB on Linux
+    if use_time:
+        kib = int(rss_file.read_text().split()[-1])
+        rss_file.unlink()
+    else:
+        kib = usage.ru_maxrss
+    return wall, kib / 1024
 
 
 def warm(folder: Path) -> None:
@@ -179,7 +211,6 @@ def main() -> None:
     args = ap.parse_args()
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.quick:
         dims = dict(vocab=8000, hidden=512, inter=1408, heads=8, layers=6)
     else:  # 2·32000·1024 + 12·(4·1024² + 3·1024·2816) + norms ≈ 220M
@@ -187,9 +218,8 @@ def main() -> None:
     rows = []
     print(f"building models in {work} ...", flush=True)
     for dn in args.dtypes.split(","):
-        dtype = getattr(torch, dn)
-        pre = build_model(work / f"pre_{dn}", dtype=dtype, seed=0, **dims)
-        post = build_model(work / f"post_{dn}", dtype=dtype, seed=1, base=pre, **dims)
+        pre = build_in_child(work / f"pre_{dn}", dtype=dn, seed=0, **dims)
+        post = build_in_child(work / f"post_{dn}", dtype=dn, seed=1, base=pre, **dims)
         n = nparams(pre)
         warm(pre), warm(post)
         for method in args.methods.split(","):
@@ -201,8 +231,9 @@ def main() -> None:
     if not args.skip_depth:
         for layers in ((2, 8) if args.quick else (4, 16)):
             d = dict(dims, layers=layers)
-            pre = build_model(work / f"pre_depth{layers}", dtype=torch.float32, seed=0, **d)
-            post = build_model(work / f"post_depth{layers}", dtype=torch.float32, seed=1, base=pre, **d)
+            pre = build_in_child(work / f"pre_depth{layers}", dtype="float32", seed=0, **d)
+            post = build_in_child(work / f"post_depth{layers}", dtype="float32", seed=1, base=pre,
+                                  **d)
             warm(pre), warm(post)
             print(f"timing linear float32 at {layers} layers ...", flush=True)
             row = bench_pair(work, pre, post, "linear", f"depth{layers}", 2)
@@ -241,4 +272,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "--build":
+        spec = json.loads(sys.argv[2])
+        out = Path(spec.pop("out"))
+        if spec.get("base"):
+            spec["base"] = Path(spec["base"])
+        build_model(out, **spec)
+    else:
+        main()

@@ -538,3 +538,24 @@ def test_merge_tensor_does_not_depend_on_thread_count(method, params):
     finally:
         torch.set_num_threads(before)
     assert torch.equal(results[0], results[2]) and torch.equal(results[1], results[3])
+
+
+def test_half_precision_inputs_read_in_blocks(tiny_pre, tiny_post, tmp_path, monkeypatch):
+    """Big bf16 inputs are converted to float32 block by block; big results are written one at
+    a time: same bits as merge_tensor on the float32 values."""
+    import mergesafe.merge.stream as stream
+    from mergesafe.merge.api import merge
+
+    monkeypatch.setattr(stream, "BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(stream, "PREFETCH_ELEMENTS", 5000)
+    folders = {}
+    for label, src in (("pre", tiny_pre), ("post", tiny_post)):
+        folders[label] = save_state(tmp_path / label, {k: v.bfloat16() for k, v in tensors(src).items()},
+                                    src, dtype="bfloat16")
+    out = merge(folders["pre"], folders["post"], tmp_path / "o", method="ties", weight=0.7,
+                params={"density": 0.4})
+    pre, post = tensors(folders["pre"]), tensors(folders["post"])
+    for name, t in tensors(out).items():
+        ref = merge_tensor("ties", name, pre[name].float(), [post[name].float()], [0.7],
+                           {"density": 0.4}, 0)
+        assert t.dtype == torch.bfloat16 and torch.equal(t, ref.bfloat16()), name

@@ -266,6 +266,12 @@ def build_config_plan(config_path: str | Path, *, seed: int = 0, allow_pickle: b
                            labels=([base_label] if base_label else []) + in_labels,
                            consume=True)  # loaded tensors are ours
 
+    # resolve every parameter of every tensor now: a bad setting fails before anything is written
+    for name in reference.ckpt.names():
+        resolver.shared(name)
+        for i in range(n):
+            resolver.per_model(i, name, in_labels[i])
+
     # tokenizer: mergekit copies the donor's (base_model, else the first model) unless told
     if tok_src in (None, "base"):
         donor = sources[ref_key]

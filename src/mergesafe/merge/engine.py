@@ -1,6 +1,7 @@
-"""The merge engine: per-tensor merging (in memory) and streamed merging of whole checkpoints.
+"""The merge engine: one tensor (group) through one method, in memory.
 
-In-memory API (used by the sweep; keep stable)::
+The streamed merge of whole checkpoints (:mod:`mergesafe.merge.stream`) calls the same functions
+tensor by tensor, so it produces the same bits.  In-memory API (used by the sweep; keep stable)::
 
     merge_tensor(method, name, pre, posts, weights, params, seed, anchor=None) -> Tensor
 
@@ -22,7 +23,9 @@ tokens), the shared rows are merged and the new rows are taken from the (first) 
 warning.  Any other shape mismatch raises a :class:`UserError` naming the tensor.
 
 Random methods (DARE, DELLA) draw from a ``torch.Generator`` seeded from ``(seed, tensor name)``,
-so a streamed merge and an in-memory merge of the same tensor give identical numbers.
+and the sums some methods need are reduced in a thread-independent order (``methods/_reduce``),
+so a streamed merge and an in-memory merge of the same tensor give identical numbers, whatever
+the number of threads of either process.
 """
 
 from __future__ import annotations

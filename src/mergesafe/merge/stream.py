@@ -197,18 +197,28 @@ class _AsyncWriter:
     def _run(self) -> None:
         while True:
             item = self.q.get()
-            if item is None:
-                return
-            if self.error is None:
-                try:
-                    self.writer.write_part(*item)
-                except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
-                    self.error = err
+            try:
+                if item is None:
+                    return
+                if self.error is None:
+                    try:
+                        self.writer.write_part(*item)
+                    except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+                        self.error = err
+            finally:
+                del item
+                self.q.task_done()
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         if self.error is not None:
             raise self.error
         self.q.put((name, tensor))
+
+    def wait_idle(self) -> None:
+        """Wait until everything queued so far is written."""
+        self.q.join()
+        if self.error is not None:
+            raise self.error
 
     def join(self) -> None:
         self.q.put(None)
@@ -233,7 +243,13 @@ def _load(plan: StreamPlan, name: str, rows: tuple[int, int] | None = None
           ) -> dict[str, torch.Tensor]:
     out = {}
     for src in plan.sources:
-        t = src.ckpt.get(name) if rows is None else src.ckpt.get(name, rows)
+        ck = src.ckpt
+        if (rows is None and plan.input_dtype is None and getattr(ck, "kind", "") == "safetensors"
+                and ck.dtype(name) in (torch.bfloat16, torch.float16)
+                and int(torch.Size(ck.shape(name)).numel()) > BLOCK_ELEMENTS):
+            out[src.label] = _read_as_float32(ck, name)
+            continue
+        t = ck.get(name) if rows is None else ck.get(name, rows)
         if t.is_floating_point():
             if plan.input_dtype is not None and t.dtype != plan.input_dtype:
                 t = t.to(plan.input_dtype)
@@ -242,8 +258,21 @@ def _load(plan: StreamPlan, name: str, rows: tuple[int, int] | None = None
     return out
 
 
-BLOCK_ELEMENTS = 1 << 22  # rows per block: about 4M elements (16 MiB in float32)
-PREFETCH_ELEMENTS = 1 << 24  # bigger tensors are not read ahead (their inputs would double)
+def _read_as_float32(ck, name: str) -> torch.Tensor:
+    """A big half-precision tensor read block by block straight into float32 (same values as
+    ``get(name).float()``, without a full-size half-precision copy in memory)."""
+    shape = tuple(ck.shape(name))
+    out = torch.empty(shape, dtype=torch.float32)
+    per_row = max(1, int(torch.Size(shape[1:]).numel()))
+    step = max(1, BLOCK_ELEMENTS // per_row)
+    for a in range(0, shape[0], step):
+        b = min(shape[0], a + step)
+        out[a:b].copy_(ck.get(name, (a, b)))
+    return out
+
+
+BLOCK_ELEMENTS = 1 << 20  # rows per block: about 1M elements (4 MiB in float32)
+PREFETCH_ELEMENTS = 1 << 24  # bigger tensors are not read ahead, nor written behind
 
 
 def _work_items(plan: StreamPlan, order: list[str], grown: dict) -> list[tuple[str, Any]]:
@@ -276,16 +305,18 @@ def _non_float(plan: StreamPlan, name: str, loaded: dict[str, torch.Tensor]) -> 
 
 
 _MALLOC_TUNED = False
+MMAP_THRESHOLD = 32 << 20  # bigger blocks: fresh mmap each time (they would fragment the heap)
 
 
 def tune_malloc() -> None:
     """Keep freed large blocks in glibc's heap instead of returning them to the kernel.
 
-    A streamed merge allocates and frees tensors of the same few sizes over and over; by default
-    glibc serves every block above 32 MiB with a fresh ``mmap`` and unmaps it on free, so each
-    tensor pays page faults and zeroing (2-4x the cost of the arithmetic).  Raising the mmap and
-    trim thresholds makes freed blocks reusable; peak memory stays that of the largest tensors in
-    flight.  Linux/glibc only; a no-op elsewhere.  Process-wide and permanent (freed memory stays
+    A streamed merge allocates and frees tensors of the same few sizes over and over; glibc's
+    adaptive thresholds end up serving many of them with a fresh ``mmap`` (or trimming the heap),
+    so each pays page faults and zeroing (2-4x the cost of the arithmetic).  Fixed thresholds keep
+    blocks below 32 MiB (layers, row blocks) in one reusable heap and give bigger ones (embedding
+    tables) their own mappings, which would otherwise fragment the heap; peak memory stays that
+    of the tensors in flight.  Linux/glibc only; a no-op elsewhere.  Process-wide and permanent (freed memory stays
     with the process), so only the ``mergesafe merge`` command calls it, never the library.
     """
     global _MALLOC_TUNED
@@ -296,7 +327,7 @@ def tune_malloc() -> None:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, (1 << 31) - 1)  # M_TRIM_THRESHOLD (a C int)
         libc.mallopt(-8, int(os.environ.get("MERGESAFE_ARENA_MAX", "1")))  # M_ARENA_MAX
     except (OSError, AttributeError):
@@ -410,6 +441,8 @@ def _stream(plan: StreamPlan, writer: StreamingShardWriter, async_writer: "_Asyn
         if pool is not None and i + 1 < len(items) and ahead(items[i + 1]):
             pending = pool.submit(_load, plan, *items[i + 1])
         ref_t = loaded[plan.reference.label]
+        if async_writer is not None and rows is None and ref_t.numel() > PREFETCH_ELEMENTS:
+            async_writer.wait_idle()  # one big result in memory at a time
         if ref_t.is_floating_point():
             result = plan.compute(name, loaded)
         else:

@@ -78,7 +78,8 @@ def _select_largest(values: torch.Tensor, k: int) -> tuple[float, torch.Tensor |
     thr = torch.tensor(value, dtype=torch.int32).view(torch.float32).item()
     if thr == 0.0 or above + equal <= k:
         return thr, None
-    eq = (flat.abs() == thr).nonzero().reshape(-1)
+    eq = torch.cat([(flat[sl].abs() == thr).nonzero().reshape(-1) + sl.start
+                    for sl in _chunks(flat.numel())])
     return thr, eq[k - above:]
 
 
