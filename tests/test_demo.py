@@ -38,7 +38,7 @@ def test_summary_shape_and_ranges(quick_demo):
             assert isinstance(value, float) and 0.0 <= value <= 1.0, (part, key, value)
     assert summary["recommended"]["method"] in {"pre", "post", "linear", "slerp", "ties", "dare_linear"}
     assert 0.0 <= summary["recommended"]["weight"] <= 1.0
-    assert 0 < summary["seconds"] < 600
+    assert summary["seconds"] > 0  # wall time is a benchmark figure, not a test (the machine is shared)
 
 
 def test_outputs_agree_with_each_other(quick_demo):

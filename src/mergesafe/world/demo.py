@@ -11,14 +11,14 @@ The output folder is built in `OUT.partial` and renamed into place at the end.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergesafe.errors import UserError
+from mergesafe.checkpoint import check_output_dir
+from mergesafe.finetune.workdir import finish
 from mergesafe.world.config import WorldConfig
 from mergesafe.world.data import build_world_data, write_eval_sets, write_jsonl
 from mergesafe.world.stages import build_base, build_post
@@ -49,24 +49,6 @@ def row_metrics(row: dict[str, Any], task_set: str) -> dict[str, float]:
     }
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError("exists and is not a folder", path=out)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError("output folder exists and is not empty (use --overwrite)", path=out)
-
-
-def _move_into_place(work: Path, out: Path) -> None:
-    """Swap the finished work folder into OUT; an old OUT is removed only after the swap."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(work, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def run_demo(out: str | Path, quick: bool = False, seed: int = 0, lora: bool = False,
              overwrite: bool = False, progress: bool = True, cache: bool = True,
              config: WorldConfig | None = None, console: Any = None) -> DemoResult:
@@ -76,7 +58,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, lora: bool = F
 
     t0 = time.perf_counter()
     out = Path(out)
-    _check_out(out, overwrite)
+    check_output_dir(out, overwrite)
     cfg = config or (WorldConfig.quick() if quick else WorldConfig.default())
     console = console or _console()
     work = out.with_name(out.name + ".partial")
@@ -121,7 +103,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, lora: bool = F
             "seconds": round(time.perf_counter() - t0, 2),
         }
         (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        _move_into_place(work, out)
+        finish(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
