@@ -44,6 +44,8 @@ def command(
     lora_alpha: float = typer.Option(16.0, "--lora-alpha"),
     lora_dropout: float = typer.Option(0.0, "--lora-dropout"),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
+    group_by_length: bool = typer.Option(
+        False, "--group-by-length", help="Batch rows of similar length together (less padding)."),
     precision: str = typer.Option("auto", "--precision", help="auto (bf16 on a GPU that has it) | bf16 | fp16 | fp32"),
     seed: int = typer.Option(42, "--seed"),
     logging_steps: int = typer.Option(10, "--logging-steps", min=1),
@@ -55,6 +57,13 @@ def command(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    ema: Optional[float] = typer.Option(
+        None, "--ema", metavar="BETA",
+        help="Also keep an EMA of the trained parameters in parameter space (Kim et al. 2025): "
+             "θ̄ ← β·θ̄ + (1−β)·θ after every optimiser step, from the pre weights; written to "
+             "OUT/ema (a full model for --full, an adapter of the EMA of the LoRA factors for "
+             "LoRA, merged weights with --merge-adapter). Costs one float32 copy of the trained "
+             "parameters."),
 ) -> None:
     from mergesafe.finetune.api import MANIFEST, finetune, make_config
 
@@ -64,9 +73,9 @@ def command(
         max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, learning_rate=lr,
         lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, weight_decay=weight_decay,
         lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        gradient_checkpointing=gradient_checkpointing, precision=precision, seed=seed,
+        gradient_checkpointing=gradient_checkpointing, group_by_length=group_by_length, precision=precision, seed=seed,
         logging_steps=logging_steps, eval_steps=eval_steps, save_steps=save_steps,
-        cpu_threads=cpu_threads, resume=resume, overwrite=overwrite, progress=progress,
+        cpu_threads=cpu_threads, resume=resume, overwrite=overwrite, progress=progress, ema=ema,
     )
     result = finetune(model, data, out, config)
     print_summary(json.loads((result / MANIFEST).read_text()), result)
@@ -81,6 +90,8 @@ def print_summary(manifest: dict, out: Path) -> None:
     vals = tr["val_losses"]
     table = Table(title="fine-tuning summary", show_header=False)
     table.add_row("output", f"{out} ({manifest['kind']})")
+    if manifest.get("ema"):
+        table.add_row("EMA model", f"{out / manifest['ema']['path']} (β = {manifest['ema']['beta']})")
     table.add_row("rows", f"{data['train_rows']} train / {data['val_rows']} val "
                           f"({data['truncated_rows']} truncated, {data['dropped_rows']} dropped)")
     table.add_row("steps", f"{tr['global_step']} (epoch {tr['epoch']:.2f}"

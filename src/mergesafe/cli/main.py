@@ -28,9 +28,11 @@ def _register() -> None:
     import importlib
 
     for name, module in (("finetune", "finetune_cmd"), ("merge", "merge_cmd"), ("eval", "eval_cmd"),
-                         ("sweep", "sweep_cmd"), ("demo", "demo_cmd")):
+                         ("sweep", "sweep_cmd"), ("demo", "demo_cmd"),
+                         ("harden", "harden_cmd")):
         mod = importlib.import_module(f"mergesafe.cli.{module}")
-        app.command(name, help=mod.__doc__)(mod.command)
+        first = " ".join(mod.__doc__.split("\n\n")[0].split())
+        app.command(name, help=mod.__doc__, short_help=first.split(". ")[0].rstrip(".") + ".")(mod.command)
 
 
 _register()

@@ -9,6 +9,16 @@ Examples:
   mergesafe merge --pre PRE --post LORA_ADAPTER --weight 0.6 --out-format adapter --out OUT
 
   mergesafe merge --config merge.yaml --out OUT
+
+Safety-restoration methods (one --post, no --weight; see README "Related safety-restoration methods"):
+
+  mergesafe merge --method safe_lora --pre PRE --post ADAPTER --unaligned U --out OUT [--param top_k=10 | --param threshold=0.5]
+
+  mergesafe merge --method safemerge --pre PRE --post ADAPTER --safety-adapter S --unaligned U --out OUT [--param threshold=0.35 --param task_weight=0.8 --param safety_weight=0.2]
+
+  mergesafe merge --method resta --pre PRE --post POST --harmful H --out OUT [--param gamma=0.5 --param density=0.9 --seed 0]
+
+safe_lora (Hsu et al. 2024): per layer C = V·Vᵀ/‖V‖_F with V = W_pre − W_unaligned; the layers whose update ΔW = post − pre has the lowest cosine between C·ΔW and ΔW get pre + C·ΔW, the others pre + ΔW. Two streaming passes (cosines, then writing). safemerge (Djuhera et al. 2025): the same cosine; layers below the threshold get pre + task_weight·ΔW_task + safety_weight·ΔW_safe, merging the full updates ΔW = scale·B·A (not PEFT's separate averaging of the A and B factors, whose cross terms are neither update). A layer is a 2-D weight matrix other than the embedding / LM head whose update is not zero (for a LoRA post: the LoRA targets); every other tensor keeps post. Memory of both: one layer's pre, unaligned and update, plus C (4·out² bytes: 64 MiB for out = 4096) and C·ΔW (4·out·in bytes). resta (Bhardwaj et al. 2024): pre + DARE(post − pre) + gamma·(pre − harmful) for every tensor, DARE only with --param density (seeded by --seed); memory: three tensors at a time.
 """
 
 from __future__ import annotations
@@ -24,7 +34,9 @@ import typer
 from mergesafe.errors import UserError
 
 METHODS_HELP = ("linear, task_arithmetic, slerp, ties, dare_linear, dare_ties, breadcrumbs, "
-                "breadcrumbs_ties, della, della_linear, model_stock")
+                "breadcrumbs_ties, della, della_linear, model_stock; safety restoration: "
+                "safe_lora, safemerge, resta")
+RESTORE_METHODS = ("safe_lora", "safemerge", "resta")
 
 
 def _parse_params(items: list[str] | None) -> dict:
@@ -77,6 +89,15 @@ def command(
     allow_pickle: Annotated[bool, typer.Option(
         "--allow-pickle", help="Accept .bin weights (loaded with torch.load(weights_only=True)).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    unaligned: Annotated[Optional[Path], typer.Option(
+        "--unaligned", help="safe_lora, safemerge: the model before safety alignment (pre's "
+        "base).")] = None,
+    safety_adapter: Annotated[Optional[Path], typer.Option(
+        "--safety-adapter", help="safemerge: a LoRA adapter of pre (or a full model) trained "
+        "on safety data.")] = None,
+    harmful: Annotated[Optional[Path], typer.Option(
+        "--harmful", help="resta: pre fine-tuned on harmful compliance data (model or LoRA "
+        "adapter).")] = None,
 ) -> None:
     """Merge pre- and post-tuning weights into a new model (mergekit methods and semantics)."""
     old_show = warnings.showwarning
@@ -84,7 +105,10 @@ def command(
     try:
         if config is not None:
             given = [flag for flag, v in (("--pre", pre), ("--post", post), ("--weight", weight),
-                                          ("--param", param), ("--anchor", anchor))
+                                          ("--param", param), ("--anchor", anchor),
+                                          ("--unaligned", unaligned),
+                                          ("--safety-adapter", safety_adapter),
+                                          ("--harmful", harmful))
                      if v]
             if method != "linear":
                 given.append("--method")
@@ -109,6 +133,8 @@ def command(
                 raise UserError("slerp: give either --weight or --param t, not both")
             if method == "model_stock" and weight:
                 warnings.warn("model_stock has no weights; --weight is ignored")
+            if method in RESTORE_METHODS and weight:
+                raise UserError(f"{method} has no --weight (its parameters are given with --param)")
             from mergesafe.merge.api import merge
 
             _tune_process()
@@ -116,7 +142,8 @@ def command(
                            weight=list(weight) if weight else 0.5, params=params, seed=seed,
                            anchor=anchor, dtype=dtype, shard_size=shard_size,
                            tokenizer_from=tokenizer_from, out_format=out_format,
-                           overwrite=overwrite, allow_pickle=allow_pickle, progress=not quiet)
+                           overwrite=overwrite, allow_pickle=allow_pickle, progress=not quiet,
+                           unaligned=unaligned, safety_adapter=safety_adapter, harmful=harmful)
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", None)
         print(f"mergesafe: error: {out}: interrupted; nothing was written", file=sys.stderr)

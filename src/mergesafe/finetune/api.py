@@ -74,8 +74,9 @@ def finetune(model: str | Path, data: str | Path | list[dict], out: str | Path,
     `data` is a JSONL/JSON/CSV file, a `datasets` folder, or a list of row dicts (chat,
     prompt/response, Alpaca or plain-text rows, detected per row unless ``format`` is set).
     `overrides` are `FinetuneConfig` fields (``lora=False``, ``max_steps=60``, ...).
-    `callbacks` are extra `transformers.TrainerCallback`s.  Raises `UserError` on bad input
-    before anything is written.
+    `callbacks` are extra `transformers.TrainerCallback`s.  ``ema=β`` also keeps an EMA of the
+    trained parameters in parameter space and writes it to ``OUT/ema`` (see
+    :mod:`mergesafe.finetune.ema`).  Raises `UserError` on bad input before anything is written.
     """
     cfg = make_config(config, **overrides)
     model, out = Path(model), Path(out)
@@ -94,6 +95,11 @@ def finetune(model: str | Path, data: str | Path | list[dict], out: str | Path,
         raise UserError(f"no row has answer tokens within max_length={cfg.max_length}",
                         path=loaded.source)
     train_rows, val_rows = split_rows(tokenized.rows, cfg.val_size, cfg.seed)
+    if cfg.ema is not None and cfg.resume:  # the checkpoint workdir.prepare would resume from
+        from mergesafe.finetune.ema import check_resumable
+
+        found = workdir.checkpoints(workdir.work_dir_for(out)) or workdir.checkpoints(out)
+        check_resumable(found[-1] if found else None)
 
     # 2. train in OUT.partial (under `accelerate launch`, the main process owns the folders)
     from accelerate import PartialState
@@ -110,11 +116,22 @@ def finetune(model: str | Path, data: str | Path | list[dict], out: str | Path,
         resume_from = workdir.checkpoints(work)[-1] if cfg.resume and workdir.checkpoints(work) else None
     if cfg.resume and resume_from is None:
         log.info("%s: nothing to resume, starting from scratch", out)
+    ema_cb = None
+    if cfg.ema is not None:  # EMA in parameter space, written to OUT/ema (see finetune/ema.py)
+        from mergesafe.finetune.ema import EmaCallback
+
+        ema_cb = EmaCallback(cfg.ema)
+        callbacks = [ema_cb, *(callbacks or [])]
     trainer, result, saved_dtype = train(model, tok, train_rows, val_rows, cfg, work, resume_from,
                                          callbacks)
 
     # 3. save and move into place
-    kind = save_model(trainer, tok, cfg, work, saved_dtype)
+    if ema_cb is None:
+        kind = save_model(trainer, tok, cfg, work, saved_dtype)
+    else:
+        from mergesafe.finetune.ema import save_with_ema
+
+        kind = save_with_ema(trainer, tok, cfg, work, saved_dtype, ema_cb, model)
     if state.is_main_process:
         manifest = {
             "tool": "mergesafe finetune",
@@ -149,6 +166,8 @@ def finetune(model: str | Path, data: str | Path | list[dict], out: str | Path,
                 "total_params": result.total_params,
                 "checkpoints": [p.name for p in workdir.checkpoints(work)],
             },
+            **({"ema": {"beta": cfg.ema, "path": "ema", "steps": ema_cb.steps}}
+               if ema_cb is not None else {}),
             "versions": _versions(),
             "started": started.isoformat(timespec="seconds"),
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),

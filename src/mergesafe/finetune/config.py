@@ -29,6 +29,10 @@ class FinetuneConfig(BaseModel):
     lora_target_modules: str | list[str] = Field(
         "all-linear", description="peft target modules; 'all-linear' = every linear layer but lm_head.")
     merge_adapter: bool = Field(False, description="Save merged full weights instead of the adapter.")
+    ema: float | None = Field(
+        None, ge=0, le=1, description="β of an EMA of the trained parameters in parameter space "
+        "(Kim et al. 2025), θ̄ ← β·θ̄ + (1−β)·θ after every optimiser step from the pre weights; "
+        "written to OUT/ema (None: off).")
 
     # --- optimisation ---------------------------------------------------------------------
     learning_rate: float = Field(1e-4, gt=0)
@@ -41,6 +45,9 @@ class FinetuneConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0)
     gradient_checkpointing: bool = False
+    group_by_length: bool = Field(
+        False, description="Batch rows of similar length together (less padding, faster; the "
+        "order is still shuffled by the seed).")
     precision: Precision = Field("auto", description="auto = bf16 where the GPU has it, else fp32.")
     seed: int = 42
     cpu_threads: int | None = Field(

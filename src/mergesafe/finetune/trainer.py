@@ -140,6 +140,7 @@ def training_arguments(cfg: FinetuneConfig, work: Path, precision: str, has_val:
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         include_num_input_tokens_seen="non_padding",
         log_level="warning",
     )

@@ -59,7 +59,8 @@ def merge(pre: PathLike, post: PathLike | Sequence[PathLike], out: PathLike, met
           anchor: PathLike | None = None, dtype: str | torch.dtype | None = None,
           shard_size: str | int = DEFAULT_SHARD_SIZE, tokenizer_from: str = "post",
           out_format: str = "full", overwrite: bool = False, allow_pickle: bool = False,
-          *, progress: bool = False) -> Path:
+          *, progress: bool = False, unaligned: PathLike | None = None,
+          safety_adapter: PathLike | None = None, harmful: PathLike | None = None) -> Path:
     """Merge ``pre`` with one or more ``post`` models into ``out`` and return ``out``.
 
     ``weight`` (λ) is the weight of the post model (a list: one per post); ``params`` holds method
@@ -68,7 +69,24 @@ def merge(pre: PathLike, post: PathLike | Sequence[PathLike], out: PathLike, met
     ``dtype`` is the output dtype (default: pre's).  ``out_format="adapter"`` writes a PEFT
     adapter with delta λ·ΔW (LoRA post, linear/task_arithmetic only).  Bad input raises
     :class:`~mergesafe.errors.UserError`; nothing is left at ``out`` on failure.
+
+    Safety-restoration methods (``safe_lora``, ``safemerge``, ``resta``; see
+    :func:`mergesafe.restore.apply.restore_merge`) take one post, no ``weight``, and their extra
+    inputs ``unaligned``, ``safety_adapter`` or ``harmful``.
     """
+    from mergesafe.restore.params import RESTORE_METHODS
+
+    if method in RESTORE_METHODS:
+        return _restore(pre, post, out, method, params, seed=seed, dtype=dtype,
+                        shard_size=shard_size, tokenizer_from=tokenizer_from, out_format=out_format,
+                        anchor=anchor, overwrite=overwrite, allow_pickle=allow_pickle,
+                        progress=progress, unaligned=unaligned, safety_adapter=safety_adapter,
+                        harmful=harmful)
+    for flag, value in (("unaligned", unaligned), ("safety_adapter", safety_adapter),
+                        ("harmful", harmful)):
+        if value is not None:
+            raise UserError(f"--{flag.replace('_', '-')} is only used by the safety-restoration "
+                            f"methods ({', '.join(RESTORE_METHODS)}), not {method}")
     posts = [post] if isinstance(post, (str, Path)) else list(post)
     if not posts:
         raise UserError("at least one post model is needed")
@@ -121,6 +139,21 @@ def merge(pre: PathLike, post: PathLike | Sequence[PathLike], out: PathLike, met
         generation_src=[tok_primary.dir, pre_src.dir], manifest=manifest,
         elementwise=plan.spec.kind == "linear" or plan.spec.name == "task_arithmetic")
     return execute(stream_plan, out, overwrite=overwrite, shard_size=size, progress=progress)
+
+
+def _restore(pre: PathLike, post: PathLike | Sequence[PathLike], out: PathLike, method: str,
+             params: dict | None, *, out_format: str, anchor: PathLike | None, **kwargs) -> Path:
+    """``merge`` for the safety-restoration methods: one post, no anchor, a full model out."""
+    from mergesafe.restore.apply import restore_merge
+
+    posts = [post] if isinstance(post, (str, Path)) else list(post)
+    if len(posts) != 1:
+        raise UserError(f"{method} takes exactly one --post, got {len(posts)}")
+    if anchor is not None:
+        raise UserError(f"--anchor is only used by model_stock, not {method}")
+    if out_format != "full":
+        raise UserError(f"--out-format {out_format} is not available for {method} (only 'full')")
+    return restore_merge(pre, posts[0], out, method, params, **kwargs)
 
 
 def merge_config(config: PathLike, out: PathLike, *, seed: int = 0, dtype: str | None = None,
