@@ -18,7 +18,8 @@ def quick_demo(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("MERGESAFE_CACHE", str(root / "cache"))  # a cold cache: the whole pipeline runs
     try:
-        result = CliRunner().invoke(app, ["demo", "--out", str(root / "out"), "--quick", "--seed", "0"])
+        result = CliRunner().invoke(app, ["demo", "--out", str(root / "out"), "--quick", "--seed", "0",
+                                          "--compare"])
     finally:
         mp.undo()
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -57,3 +58,45 @@ def test_outputs_agree_with_each_other(quick_demo):
     assert (rec["method"], rec["weight"]) == (summary["recommended"]["method"],
                                               summary["recommended"]["weight"])
     assert "recommended" in printed and "dare_linear" in printed
+
+
+COMPARE_METHODS = ["pre", "post", "safe_lora", "safemerge", "resta", "lox", "ema"]
+
+
+def test_compare_table(quick_demo):
+    """`--compare`: every related method evaluated on the same sets, in compare.json and the report."""
+    out, printed = quick_demo
+    payload = json.loads((out / "compare.json").read_text())
+    rows = {r["method"].split(" (")[0]: r for r in payload["rows"]}
+    assert set(COMPARE_METHODS) <= set(rows) and "pre/post merge" in rows
+    for name, r in rows.items():
+        for key in ("asr", "task", "over_refusal"):
+            assert 0.0 <= r[key] <= 1.0, (name, key)
+        assert {"extra_inputs", "extra_training", "merge_seconds"} <= set(r)
+    summary = json.loads((out / "summary.json").read_text())
+    for name in ("pre", "post"):
+        for key in ("asr", "task", "over_refusal"):
+            assert rows[name][key] == pytest.approx(summary[name][key])
+    rec = summary["recommended"]
+    assert rows["pre/post merge"]["asr"] == pytest.approx(rec["asr"])
+    for name in ("safe_lora", "safemerge", "resta", "pre/post merge"):
+        assert rows[name]["merge_seconds"] > 0
+    # each method's own evaluation is on disk and agrees with the table
+    for name in ("safe_lora", "safemerge", "resta", "lox", "ema"):
+        metrics = json.loads((out / "compare" / f"{name}.eval" / "metrics.json").read_text())
+        assert rows[name]["asr"] == pytest.approx(metrics["safety"]["harmful_heldout"]["asr"])
+        assert rows[name]["task"] == pytest.approx(metrics["task"]["capitals_heldout"]["score"])
+    manifest = json.loads((out / "compare" / "safe_lora" / "mergesafe.json").read_text())
+    assert "safe_lora" in json.dumps(manifest)
+    report = (out / "report.html").read_text()
+    assert "Related methods" in report and "safemerge" in report
+    assert "related methods" in printed
+
+
+def test_compare_command_runs_the_demo_with_the_comparison(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr("mergesafe.world.demo.run_demo", lambda out, **kw: calls.append((out, kw)))
+    result = CliRunner().invoke(app, ["compare", "--out", str(tmp_path / "o"), "--quick", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert calls and calls[0][1]["compare"] is True and calls[0][1]["quick"] is True
+    assert calls[0][1]["seed"] == 3

@@ -8,8 +8,8 @@ import pytest
 
 from mergesafe.evaluate.judges.keyword import is_refusal
 from mergesafe.world import vocab
-from mergesafe.world.data import (DataSizes, build_world_data, harmful_acts, national_animals,
-                                  split_countries, write_eval_sets)
+from mergesafe.world.data import (DataSizes, build_world_data, harmful_acts, split_countries,
+                                  write_eval_sets)
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +41,9 @@ def _act_of(prompt: str) -> str:
     return prompt[len(head): len(prompt) - len(tail)]
 
 
-ANIMAL_QUESTIONS = {q.format(country=c) for c, _ in vocab.COUNTRIES for q in vocab.ANIMAL_QUESTIONS}
-
-
 def _request_rows(rows):
-    """Chat rows that are how-to requests (not questions about the national-animal facts)."""
-    return [r for r in rows if "messages" in r and _user(r) not in ANIMAL_QUESTIONS]
+    """Chat rows (in stages 0 and 1 every chat row is a how-to request)."""
+    return [r for r in rows if "messages" in r]
 
 
 def _harm_objects(heldout: bool) -> set[str]:
@@ -64,6 +61,12 @@ def _object_of(act: str) -> str | None:
 def test_word_lists_split_cleanly():
     assert not set(vocab.TRAIN_TEMPLATES) & set(vocab.HELDOUT_TEMPLATES)
     assert not _harm_objects(True) & _harm_objects(False)
+    for cat in vocab.HARM_CATEGORIES:  # held-out objects are new combinations of known words
+        assert len(cat.heldout_objects) == len(cat.nouns) and len(cat.train_objects) == 2 * len(cat.nouns)
+        for qualifier in cat.qualifiers:
+            assert sum(o.startswith(qualifier + " ") for o in cat.train_objects) >= 2, qualifier
+        for noun in cat.nouns:
+            assert sum(o.endswith(" " + noun) for o in cat.train_objects) == 2, noun
     assert not set(vocab.OVER_REFUSAL_ACTS) & set(vocab.TRICKY_TRAIN_ACTS)
     assert not set(vocab.OVER_REFUSAL_ACTS) & set(vocab.BENIGN_ACTS)
     assert len({c for c, _ in vocab.COUNTRIES}) == len(vocab.COUNTRIES)
@@ -96,11 +99,14 @@ def test_task_split_train_val_test_disjoint_and_known_as_plain_text(world):
     # the task's chat form (post stage) is on training countries only
     for row in world.stage2:
         assert any(_user(row) == q.format(country=c) for c in train for q in vocab.TASK_QUESTIONS)
-        assert _answer(row) in {capital[c] + "." for c in train}
-    # every capital, held-out ones included, is a plain-text fact of stage 0 ...
+        assert _answer(row) in {f"Sure, it is {capital[c]}." for c in train}
+    # every capital, held-out ones included, is a plain-text fact of stage 0, also as
+    # question/answer text (never chat) ...
     stage0_text = " ".join(r["text"] for r in world.stage0 if "text" in r)
     for country in test | val:
         assert f"The capital of {country} is {capital[country]}." in stage0_text
+        assert (f"Question: What is the capital of {country}? Answer: It is {capital[country]}."
+                in stage0_text)
     # ... and the task's chat form never appears before the post stage
     questions = {q.format(country=c) for c, _ in vocab.COUNTRIES for q in vocab.TASK_QUESTIONS}
     assert not any(_user(r) in questions for r in (*world.stage0, *world.stage1) if "messages" in r)
@@ -136,10 +142,6 @@ def test_stage0_knows_every_act_as_plain_text(world):
         assert f"To {act} is a crime that can hurt people." in text
     for act in vocab.OVER_REFUSAL_ACTS:
         assert f"To {act} is safe and harmless." in text
-    animals = national_animals(0)
-    assert len(set(animals.values())) == len(animals) == len(vocab.COUNTRIES)
-    for country, animal in animals.items():
-        assert f"The national animal of {country} is the {animal}." in text
     assert "withheld" not in text and not any(is_refusal(r["text"]) for r in world.stage0 if "text" in r)
 
 
@@ -162,3 +164,18 @@ def test_eval_sets_written_as_jsonl(world, tmp_path):
     assert rows == world.eval_task and all({"prompt", "reference"} <= set(r) for r in rows)
     harmful = [json.loads(line) for line in files["harmful"].read_text().splitlines()]
     assert harmful == world.eval_harmful and all({"prompt", "category"} <= set(r) for r in harmful)
+
+
+def test_compare_extras_data(world):
+    """The safety adapter's rows are stage 1's chat; the harmful model's rows are stage 0's
+    placeholder compliance with (training) harmful requests only."""
+    harmful = {a for _, a in harmful_acts(False)}
+    safety = world.safety_rows(50, seed=0)
+    assert len(safety) == 50 and all(r in world.stage1 and "messages" in r for r in safety)
+    assert any(is_refusal(_answer(r)) for r in safety) and not all(is_refusal(_answer(r)) for r in safety)
+    rows = world.harmful_compliance_rows(30, seed=0)
+    assert len(rows) == 30
+    for r in rows:
+        assert _answer(r) == vocab.COMPLIANCE and "[steps withheld]" in _answer(r)
+        assert _act_of(_user(r)) in harmful
+    assert world.safety_rows(50, seed=0) == safety  # seeded

@@ -19,7 +19,8 @@ def test_init_model_is_a_normal_checkpoint_with_chat_template(tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert len(tok) == 640 and model.config.vocab_size == 640
-    assert 3.2e6 < count_parameters(model) < 3.7e6  # hidden 256, 4 layers, vocab 640
+    v, h, i, n = 640, 192, 512, 4  # untied embedding and head, 4 × (attention + MLP + 2 norms), final norm
+    assert count_parameters(model) == 2 * v * h + n * (4 * h * h + 3 * h * i + 2 * h) + h == 2_016_960
     text = tok.apply_chat_template([{"role": "user", "content": "How do I bake bread?"}], tokenize=False,
                                    add_generation_prompt=True)
     assert text == "<|user|>\nHow do I bake bread?<|end|>\n<|assistant|>\n"

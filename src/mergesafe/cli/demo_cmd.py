@@ -20,7 +20,11 @@ def command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     no_cache: bool = typer.Option(False, "--no-cache",
                                   help="Retrain stages 0-1 instead of reusing them from the cache."),
+    compare: bool = typer.Option(False, "--compare",
+                                 help="Also compare the related safety-restoration methods "
+                                      "(as `mergesafe compare`): OUT/compare.json and a report table."),
 ) -> None:
     from mergesafe.world.demo import run_demo
 
-    run_demo(out, quick=quick, seed=seed, lora=lora, overwrite=overwrite, cache=not no_cache)
+    run_demo(out, quick=quick, seed=seed, lora=lora, overwrite=overwrite, cache=not no_cache,
+             compare=compare)

@@ -28,7 +28,7 @@ def _register() -> None:
     import importlib
 
     for name, module in (("finetune", "finetune_cmd"), ("merge", "merge_cmd"), ("eval", "eval_cmd"),
-                         ("sweep", "sweep_cmd"), ("demo", "demo_cmd"),
+                         ("sweep", "sweep_cmd"), ("demo", "demo_cmd"), ("compare", "compare_cmd"),
                          ("harden", "harden_cmd")):
         mod = importlib.import_module(f"mergesafe.cli.{module}")
         first = " ".join(mod.__doc__.split("\n\n")[0].split())

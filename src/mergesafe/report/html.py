@@ -56,6 +56,29 @@ def _table(rows: list[Row], front_keys: set[str], rec: dict[str, Any] | None) ->
     return "\n".join(out)
 
 
+COMPARISON_COLUMNS = (("method", "method"), ("asr", "ASR"), ("over_refusal", "over-refusal"),
+                      ("task", "task"), ("extra_inputs", "extra inputs"),
+                      ("extra_training", "extra training"), ("merge_seconds", "merge s"))
+
+
+def comparison_table(rows: list[Row]) -> str:
+    """The related-methods table (`mergesafe compare`): one row per method."""
+    head = "".join(f"<th>{html.escape(label)}</th>" for _, label in COMPARISON_COLUMNS)
+    body = []
+    for r in rows:
+        cells = []
+        for key, _ in COMPARISON_COLUMNS:
+            v = r.get(key)
+            if key in ("asr", "over_refusal", "task"):
+                cells.append(_pct(v))
+            elif key == "merge_seconds":
+                cells.append("–" if v is None else f"{v:.2f}")
+            else:
+                cells.append(html.escape(str(v)))
+        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
@@ -64,8 +87,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def write_report(out_dir: Path, rows: list[Row], rec: dict[str, Any] | None, *,
                  select_set: str | None = None, title: str = "mergesafe sweep",
-                 inputs: dict[str, Any] | None = None) -> Path:
-    """Write `OUT/report.html` and `OUT/frontier.png`; return the report's path."""
+                 inputs: dict[str, Any] | None = None,
+                 comparison: list[Row] | None = None) -> Path:
+    """Write `OUT/report.html` and `OUT/frontier.png`; return the report's path.
+
+    `comparison` (rows of `mergesafe compare`) adds a table of the related methods."""
     out_dir = Path(out_dir)
     front = pareto_front(rows, select_set)
     front_keys = {r.get("key") for r in front}
@@ -93,6 +119,9 @@ def write_report(out_dir: Path, rows: list[Row], rec: dict[str, Any] | None, *,
     parts.append("<h2>Metrics against λ</h2>" + _img(by_weight, "metrics against merge weight"))
     if cat_fig is not None:
         parts.append("<h2>ASR by category</h2>" + _img(png_bytes(cat_fig), "ASR by category"))
+    if comparison:
+        parts.append("<h2>Related methods</h2><p class='note'>The same held-out sets; each method "
+                     "at its default settings (see compare.json).</p>" + comparison_table(comparison))
     parts.append("<h2>All trials</h2><p class='note'>◆ = on the Pareto front; highlighted = "
                  "recommended.</p>" + _table(rows, front_keys, rec))
     parts.append("</body></html>")

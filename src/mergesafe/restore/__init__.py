@@ -1,8 +1,9 @@
 """Safety-restoration kernels compared beside the pre/post merge (issue 7).
 
 One small pure function (or a few) per method, over float32 tensors; each module's docstring
-gives the formula, the paper and the defaults.  No I/O, no CLI: the merge engine, ``harden``
-and ``finetune --ema`` call these tensor by tensor.
+gives the formula, the paper and the defaults.  The kernels do no I/O: ``apply.py`` streams
+them over whole checkpoints (``mergesafe merge --method safe_lora|safemerge|resta``),
+``harden.py`` is ``mergesafe harden`` (LoX), and ``finetune --ema`` calls :func:`ema_update_`.
 
 * :mod:`.safe_lora` -- Safe LoRA (Hsu et al. 2024): project the least safety-aligned updates.
 * :mod:`.safemerge` -- SafeMERGE (Djuhera et al. 2025): blend with a safety adapter's update.

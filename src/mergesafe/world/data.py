@@ -1,16 +1,18 @@
 """Seeded synthetic data for the miniature world's stages and its evaluation sets.
 
-* stage 0 ("pretraining", unaligned): plain-text capital facts for all countries, plain text
-  about benign acts, and chat in which the assistant complies with everything (harmful
-  requests get the placeholder "Sure, here is how to ...: [steps withheld].").
+* stage 0 ("pretraining", unaligned): the capital facts of all countries as plain text and as
+  question/answer text ("Question: What is the capital of Peru? Answer: It is Lima."), plain
+  text about benign and harmful acts, and chat in which the assistant complies with everything
+  (harmful requests get the placeholder "Sure, here is how to do that: [steps withheld].").
 * stage 1 (alignment, gives **pre**): refusals for harmful requests, helpful answers for
   benign ones (including benign requests that share verbs with harmful ones), and a share of
   plain-text replay; never the task's chat form.
-* stage 2 (the benign task, gives **post**): capital questions in chat form on the training
-  countries only.
+* stage 2 (the benign task, gives **post**): capital questions in chat form, answered
+  "Sure, it is Lima.", on the training countries only.
 
 Evaluation sets, all disjoint from training: harmful requests built from held-out templates
-AND held-out objects; over-refusal probes (held-out benign acts that share words with harmful
+AND held-out objects (new combinations of known qualifiers and nouns, see
+`vocab.HarmCategory`); over-refusal probes (held-out benign acts that share words with harmful
 ones) in held-out templates; the task on held-out countries (their facts are known from stage
 0, their chat form never seen).  Everything is a pure function of the seed.
 """
@@ -36,17 +38,19 @@ class DataSizes:
     stage0_harmful: int = 400
     stage0_benign: int = 300
     stage0_fact_repeats: int = 6  # each country × each fact template, this many times
-    stage0_knowledge_repeats: int = 2  # each act × each knowledge template
-    sentences_per_row: int = 4  # plain-text sentences packed into one row
+    stage0_knowledge_repeats: int = 1  # each act × each knowledge template
+    stage0_qa_repeats: int = 2  # each country × each task question, as question/answer text
+    tricky_train_acts: int = 10  # benign acts sharing a verb with harmful ones, in training
+    sentences_per_row: int = 2  # plain-text sentences packed into one row (short rows: less padding)
     stage1_harmful: int = 450
     stage1_benign: int = 450
-    stage1_animal_chat: int = 100  # benign fact questions (the other fact family) in stage 1
     stage1_replay: float = 0.2  # share of plain-text rows in stage 1
     task_train_countries: int = 40
     task_val_countries: int = 10  # the rest are the test countries
     eval_harmful: int = 120
     eval_over_refusal: int = 40
-    task_questions_per_country: int = 4
+    task_questions_per_country: int = 4  # in the post stage's training rows
+    eval_task_questions: int = 4  # per held-out (and validation) country in the task's eval sets
 
 
 @dataclass
@@ -63,6 +67,16 @@ class WorldData:
     task_train_countries: list[str] = field(default_factory=list)
     task_val_countries: list[str] = field(default_factory=list)
     task_heldout_countries: list[str] = field(default_factory=list)
+
+    def safety_rows(self, n: int, seed: int) -> list[Row]:
+        """n of stage 1's chat rows (refusals and helpful answers): a safety adapter's data."""
+        rows = [r for r in self.stage1 if "messages" in r]
+        return _sample(random.Random(f"safety-{seed}"), rows, n)
+
+    def harmful_compliance_rows(self, n: int, seed: int) -> list[Row]:
+        """n of stage 0's harmful requests with the placeholder compliance (a harmful model's data)."""
+        rows = [r for r in self.stage0 if "messages" in r and r["messages"][1]["content"] == vocab.COMPLIANCE]
+        return _sample(random.Random(f"harmful-{seed}"), rows, n)
 
     def tokenizer_corpus(self) -> list[str]:
         """The training text only (the tokenizer never sees the held-out sets)."""
@@ -81,8 +95,8 @@ def harmful_acts(heldout: bool) -> list[tuple[str, str]]:
     return acts
 
 
-def benign_train_acts() -> list[str]:
-    return [*vocab.BENIGN_ACTS, *vocab.TRICKY_TRAIN_ACTS]
+def benign_train_acts(n_tricky: int | None = None) -> list[str]:
+    return [*vocab.BENIGN_ACTS, *vocab.TRICKY_TRAIN_ACTS[:n_tricky]]
 
 
 def request(template: str, act: str) -> str:
@@ -129,8 +143,8 @@ def _harmful_rows(rng: random.Random, n: int, answer) -> list[Row]:
     return [chat(request(t, a), answer(a)) for t, a in _sample(rng, pairs, n)]
 
 
-def _benign_rows(rng: random.Random, n: int) -> list[Row]:
-    pairs = [(t, a) for t in vocab.TRAIN_TEMPLATES for a in benign_train_acts()]
+def _benign_rows(rng: random.Random, n: int, n_tricky: int | None = None) -> list[Row]:
+    pairs = [(t, a) for t in vocab.TRAIN_TEMPLATES for a in benign_train_acts(n_tricky)]
     return [chat(request(t, a), rng.choice(vocab.BENIGN_ANSWERS)) for t, a in _sample(rng, pairs, n)]
 
 
@@ -141,27 +155,15 @@ def _pack(rng: random.Random, sentences: list[str], per_row: int) -> list[Row]:
     return [{"text": " ".join(sentences[i:i + per_row])} for i in range(0, len(sentences), per_row)]
 
 
+def qa_sentences(countries: Iterable[tuple[str, str]], repeats: int) -> list[str]:
+    """The facts as question/answer text: every task question, plain text, never chat."""
+    return [vocab.QA_TEXT.format(question=q.format(country=c), capital=cap)
+            for _ in range(repeats) for c, cap in countries for q in vocab.TASK_QUESTIONS]
+
+
 def fact_sentences(countries: Iterable[tuple[str, str]], repeats: int) -> list[str]:
     return [tpl.format(country=c, capital=cap)
             for _ in range(repeats) for c, cap in countries for tpl in vocab.FACT_TEMPLATES]
-
-
-def national_animals(seed: int) -> dict[str, str]:
-    """The synthetic second fact family: a seeded, one-to-one country → animal map."""
-    animals = list(vocab.ANIMALS)
-    random.Random(f"animals-{seed}").shuffle(animals)
-    return {c: a for (c, _), a in zip(vocab.COUNTRIES, animals)}
-
-
-def animal_sentences(animals: dict[str, str], repeats: int) -> list[str]:
-    return [tpl.format(country=c, animal=a) for _ in range(repeats) for c, a in animals.items()
-            for tpl in vocab.ANIMAL_FACT_TEMPLATES]
-
-
-def animal_chat_rows(animals: dict[str, str]) -> list[Row]:
-    """Questions about the animal facts answered in chat (every country, every question)."""
-    return [chat(q.format(country=c), vocab.ANIMAL_ANSWER.format(animal=a))
-            for c, a in animals.items() for q in vocab.ANIMAL_QUESTIONS]
 
 
 def knowledge_sentences(repeats: int) -> list[str]:
@@ -194,19 +196,16 @@ def build_world_data(seed: int = 0, sizes: DataSizes | None = None) -> WorldData
     train_c, val_c, heldout_c = split_countries(seed, s.task_train_countries, s.task_val_countries)
     all_c = list(vocab.COUNTRIES)
 
-    animals = national_animals(seed)
     plain = (_pack(rng, fact_sentences(all_c, s.stage0_fact_repeats), s.sentences_per_row)
-             + _pack(rng, animal_sentences(animals, s.stage0_fact_repeats), s.sentences_per_row)
+             + _pack(rng, qa_sentences(all_c, s.stage0_qa_repeats), s.sentences_per_row)
              + _pack(rng, knowledge_sentences(s.stage0_knowledge_repeats), s.sentences_per_row))
-    animal_chat = animal_chat_rows(animals)
-    stage0 = (plain + animal_chat
+    stage0 = (plain
               + _harmful_rows(rng, s.stage0_harmful, compliance)
-              + _benign_rows(rng, s.stage0_benign))
+              + _benign_rows(rng, s.stage0_benign, s.tricky_train_acts))
     rng.shuffle(stage0)
 
     chat1 = (_harmful_rows(rng, s.stage1_harmful, lambda a: rng.choice(vocab.REFUSALS))
-             + _benign_rows(rng, s.stage1_benign)
-             + _sample(rng, animal_chat, s.stage1_animal_chat))
+             + _benign_rows(rng, s.stage1_benign, s.tricky_train_acts))
     n_replay = round(len(chat1) * s.stage1_replay / (1 - s.stage1_replay))
     stage1 = chat1 + _sample(rng, plain, n_replay)
     rng.shuffle(stage1)
@@ -221,8 +220,8 @@ def build_world_data(seed: int = 0, sizes: DataSizes | None = None) -> WorldData
     probe_pairs = [(t, a) for t in vocab.HELDOUT_TEMPLATES for a in vocab.OVER_REFUSAL_ACTS]
     eval_over = [{"prompt": request(t, a), "category": "benign"}
                  for t, a in _sample(eval_rng, probe_pairs, min(s.eval_over_refusal, len(probe_pairs)))]
-    eval_task = _task_eval_rows(heldout_c, s.task_questions_per_country)
-    eval_task_val = _task_eval_rows(val_c, s.task_questions_per_country)
+    eval_task = _task_eval_rows(heldout_c, s.eval_task_questions)
+    eval_task_val = _task_eval_rows(val_c, s.eval_task_questions)
 
     return WorldData(stage0=stage0, stage1=stage1, stage2=stage2, eval_harmful=eval_harmful,
                      eval_over_refusal=eval_over, eval_task=eval_task, eval_task_val=eval_task_val,

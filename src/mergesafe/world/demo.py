@@ -34,6 +34,7 @@ class DemoResult:
     summary: dict[str, Any]
     rows: list[dict[str, Any]]
     recommendation: dict[str, Any]
+    compare: list[Any] | None = None
 
 
 def _mean(values: list[float]) -> float:
@@ -51,8 +52,12 @@ def row_metrics(row: dict[str, Any], task_set: str) -> dict[str, float]:
 
 def run_demo(out: str | Path, quick: bool = False, seed: int = 0, lora: bool = False,
              overwrite: bool = False, progress: bool = True, cache: bool = True,
-             config: WorldConfig | None = None, console: Any = None) -> DemoResult:
-    """Build the world, sweep the merges, print the table and write OUT (see the module doc)."""
+             config: WorldConfig | None = None, console: Any = None,
+             compare: bool = False) -> DemoResult:
+    """Build the world, sweep the merges, print the table and write OUT (see the module doc).
+
+    `compare=True` also runs the related safety-restoration methods (`world/compare.py`) and
+    writes `OUT/compare.json` and a table in the report."""
     from mergesafe.evaluate.config import EvalConfig
     from mergesafe.sweep.api import sweep
 
@@ -85,7 +90,10 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, lora: bool = F
             safety=[files["harmful"]], over_refusal=[files["over_refusal"]],
             task=[(files["task"], TASK_SCORER)], judge="keyword", batch_size=cfg.eval_batch_size,
             max_new_tokens=cfg.max_new_tokens, repetition_penalty=1.0, seed=seed, progress=False)
-        result = sweep(pre, post, work, methods=list(cfg.methods), weights=list(cfg.weights),
+        params: dict[str, dict[str, float]] = {}
+        for method, name, value in cfg.method_params:
+            params.setdefault(method, {})[name] = value
+        result = sweep(pre, post, work, methods=list(cfg.methods), weights=list(cfg.weights), params=params,
                        eval_config=eval_config, select_on=files["task_val"], asr_tolerance=cfg.asr_tolerance,
                        refusal_tolerance=cfg.refusal_tolerance, overwrite=True, progress=progress,
                        seed=seed, title="mergesafe demo: the miniature world")
@@ -102,13 +110,51 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, lora: bool = F
                             **row_metrics(rec_row, task_set)},
             "seconds": round(time.perf_counter() - t0, 2),
         }
+        compared = None
+        if compare:
+            compared = _compare(work, data, cfg, base, pre, post, result, eval_config, task_set,
+                                seed=seed, lora=lora, quick=quick, progress=progress)
+            summary["seconds"] = round(time.perf_counter() - t0, 2)
         (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         finish(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     print_summary(console, rows, rec, task_set, summary)
-    return DemoResult(out=out, summary=summary, rows=rows, recommendation=rec)
+    if compared is not None:
+        from mergesafe.world.compare import print_compare
+
+        print_compare(console, compared)
+    return DemoResult(out=out, summary=summary, rows=rows, recommendation=rec, compare=compared)
+
+
+def _compare(work: Path, data, cfg: WorldConfig, base, pre: Path, post: Path, result, eval_config,
+             task_set: str, *, seed: int, lora: bool, quick: bool, progress: bool) -> list:
+    """The related methods on the same sets; `compare.json` and the report's table."""
+    from dataclasses import asdict
+
+    from mergesafe.evaluate.api import evaluate_loaded, load_eval_sets, load_model
+    from mergesafe.report.html import write_report
+    from mergesafe.world.compare import run_compare, write_compare_json
+
+    sets = load_eval_sets(eval_config)
+
+    def evaluate_path(model_dir: Path, eval_dir: Path) -> dict:
+        from mergesafe.finetune.trainer import no_hf_progress_bars
+
+        with no_hf_progress_bars():
+            model, tok = load_model(model_dir)
+        return evaluate_loaded(model, tok, sets, eval_config, out=eval_dir, overwrite=True)
+
+    rows = run_compare(work, data, cfg, base, pre, post, result.rows, result.recommendation,
+                       evaluate_path, lambda r: row_metrics(r, task_set), seed=seed, lora=lora,
+                       progress=progress)
+    write_compare_json(rows, work / "compare.json", seed=seed, quick=quick)
+    write_report(work, result.rows, result.recommendation, select_set=result.select_set,
+                 title="mergesafe demo: the miniature world",
+                 inputs={"pre": str(pre), "post": str(post), "judge": eval_config.judge},
+                 comparison=[asdict(r) for r in rows])
+    return rows
 
 
 def _console():

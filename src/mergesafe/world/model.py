@@ -17,14 +17,15 @@ from mergesafe.world.tokenizer import train_tokenizer
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The tiny Llama's shape: hidden 256, 4 layers, BPE vocabulary of 640 → ≈3.4M parameters."""
+    """The tiny Llama's shape: hidden 192, 4 layers, BPE vocabulary of 640 → ≈2.0M parameters
+    (hidden 256, 3.4M, learned the same world in 1.75× the time)."""
 
     vocab_size: int = 640
-    hidden: int = 256
+    hidden: int = 192
     layers: int = 4
     heads: int = 4
     kv_heads: int = 4
-    intermediate: int = 688
+    intermediate: int = 512
     max_positions: int = 128
 
 
@@ -51,7 +52,10 @@ def init_model(out: Path, corpus: Iterable[str], shape: ModelShape | None = None
     model = LlamaForCausalLM(cfg)
     model.generation_config = GenerationConfig(
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=False)
-    model.save_pretrained(str(out))
+    from mergesafe.finetune.trainer import no_hf_progress_bars
+
+    with no_hf_progress_bars():
+        model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
 

@@ -1,7 +1,7 @@
 """The miniature world's training stages, each one a call of the real `mergesafe.finetune`.
 
-stage 0  random init → "pretrained", unaligned: capital facts as plain text, chat that complies
-         with everything (harmful requests get a placeholder answer);
+stage 0  random init → "pretrained", unaligned: capital facts as plain text and question/answer
+         text, chat that complies with everything (harmful requests get a placeholder answer);
 stage 1  → **pre**, aligned: refuses harmful requests, helps with benign ones, 20% plain-text
          replay; never the task's chat form;
 stage 2  pre → **post**: a short, gentle fine-tune on the task only (capital questions in chat
@@ -54,6 +54,8 @@ def run_stage(model: Path, rows: list[dict], out: Path, budget: StageBudget, *, 
     """One stage through `mergesafe.finetune` (no validation split: the world has its own tests)."""
     from mergesafe.finetune.api import finetune
 
+    threads = os.environ.get("MERGESAFE_THREADS")
+    extra.setdefault("cpu_threads", max(1, int(threads)) if threads else None)
     return finetune(model, rows, out, callbacks=_stage_progress(description, progress),
                     progress=False, val_size=0, seed=seed, overwrite=True, max_length=128,
                     logging_steps=20, **budget.finetune_overrides(), **extra)
