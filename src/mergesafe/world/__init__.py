@@ -1,6 +1,6 @@
 """The miniature world: the whole mergesafe loop on a laptop CPU in minutes (`mergesafe demo`).
 
-A byte-level BPE tokenizer and a tiny Llama (≈3.4M parameters) are trained from scratch on
+A byte-level BPE tokenizer and a tiny Llama (≈2.0M parameters) are trained from scratch on
 seeded synthetic data, in three stages, each through the real `mergesafe.finetune`:
 
 0. "pretraining" (unaligned): plain-text facts ("The capital of Peru is Lima.") and chat in

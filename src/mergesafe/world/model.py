@@ -1,4 +1,4 @@
-"""The miniature world's model: a tiny Llama (≈3.4M parameters) with the world's BPE tokenizer,
+"""The miniature world's model: a tiny Llama (≈2.0M parameters) with the world's BPE tokenizer,
 initialised at random and saved as an ordinary Hugging Face checkpoint (safetensors, tokenizer
 with chat template, generation config), so every mergesafe command accepts it.
 """
