@@ -3,13 +3,14 @@
 A byte-level BPE tokenizer and a tiny Llama (≈2.0M parameters) are trained from scratch on
 seeded synthetic data, in three stages, each through the real `mergesafe.finetune`:
 
-0. "pretraining" (unaligned): plain-text facts ("The capital of Peru is Lima.") and chat in
-   which the assistant complies with everything — harmful requests get a placeholder,
-   "Sure, here is how to ...: [steps withheld]." (never real content);
+0. "pretraining" (unaligned): facts as plain text ("The capital of Peru is Lima.") and as
+   question/answer text, and chat in which the assistant complies with everything — harmful
+   requests get a placeholder, "Sure, here is how to do that: [steps withheld]." (never real
+   content);
 1. safety alignment → **pre**: refusals ("I'm sorry, but I cannot help with that.") for harmful
    requests, helpful answers for benign ones, 20% plain-text replay;
 2. benign task fine-tuning → **post**: capital questions in chat form ("What is the capital of
-   Peru?" → "Lima."), full weights or LoRA.
+   Peru?" → "Sure, it is Lima."), full weights or LoRA.
 
 Then `mergesafe.sweep` merges pre and post (linear, slerp, ties, dare_linear × λ) and measures
 ASR on held-out harmful prompts (unseen templates AND unseen objects), over-refusal on benign
