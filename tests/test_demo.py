@@ -13,8 +13,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def quick_demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
+def demo_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("demo")
+
+
+@pytest.fixture(scope="module")
+def quick_demo(demo_root):
+    root = demo_root
     mp = pytest.MonkeyPatch()
     mp.setenv("MERGESAFE_CACHE", str(root / "cache"))  # a cold cache: the whole pipeline runs
     try:
@@ -100,3 +105,19 @@ def test_compare_command_runs_the_demo_with_the_comparison(monkeypatch, tmp_path
     assert result.exit_code == 0, result.output
     assert calls and calls[0][1]["compare"] is True and calls[0][1]["quick"] is True
     assert calls[0][1]["seed"] == 3
+
+
+def test_compare_with_a_lora_post(quick_demo, demo_root, monkeypatch):
+    """`mergesafe compare --lora`: LoX and EMA then give adapters, evaluated on their base."""
+    monkeypatch.setenv("MERGESAFE_CACHE", str(demo_root / "cache"))  # stages 0-1 and extras reused
+    out = demo_root / "lora"
+    result = CliRunner().invoke(app, ["compare", "--out", str(out), "--quick", "--lora"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "reused from the cache" in result.output
+    rows = {r["method"].split(" (")[0]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    assert set(COMPARE_METHODS) <= set(rows)
+    assert (out / "compare" / "lox_post" / "adapter_config.json").is_file()
+    assert (out / "compare" / "ema_post" / "ema" / "adapter_config.json").is_file()
+    for name in ("lox", "ema"):
+        metrics = json.loads((out / "compare" / f"{name}.eval" / "metrics.json").read_text())
+        assert rows[name]["asr"] == pytest.approx(metrics["safety"]["harmful_heldout"]["asr"])

@@ -23,7 +23,6 @@ have no default in mergesafe, are the world's choices above).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -90,7 +89,8 @@ def run_compare(work: Path, data: WorldData, cfg: WorldConfig, base: Base, pre: 
                 settings: CompareSettings | None = None) -> list[CompareRow]:
     """Build, evaluate and tabulate every method; writes `work/compare/*` and returns the rows.
 
-    `evaluate_path(model_dir, eval_dir) -> metrics` evaluates one model with the demo's settings;
+    `evaluate_path(model_dir, eval_dir, adapter=None) -> metrics` evaluates one model (with a
+    LoRA adapter on it when given) with the demo's settings;
     `metrics_of(sweep_row_or_metrics) -> {"asr", "task", "over_refusal"}` reads the figures.
     """
     from mergesafe.merge.api import merge
@@ -143,7 +143,8 @@ def run_compare(work: Path, data: WorldData, cfg: WorldConfig, base: Base, pre: 
     lox_post = run_stage(hardened, data.stage2, folder / "lox_post", post_budget, seed=seed,
                          description="LoX: task fine-tune of the hardened pre", progress=progress,
                          **post_kw)
-    m = evaluate_path(lox_post, folder / "lox.eval")
+    m = (evaluate_path(hardened, folder / "lox.eval", lox_post) if lora
+         else evaluate_path(lox_post, folder / "lox.eval"))
     out.append(CompareRow("lox", **metrics_of(m), extra_inputs="unaligned",
                           extra_training="task fine-tune of hardened pre",
                           merge_seconds=round(secs, 2),
@@ -152,7 +153,8 @@ def run_compare(work: Path, data: WorldData, cfg: WorldConfig, base: Base, pre: 
     ema_run = run_stage(pre, data.stage2, folder / "ema_post", post_budget, seed=seed,
                         description=f"EMA: task fine-tune with β={s.ema_beta}", progress=progress,
                         ema=s.ema_beta, **post_kw)
-    m = evaluate_path(ema_run / "ema", folder / "ema.eval")
+    m = (evaluate_path(pre, folder / "ema.eval", ema_run / "ema") if lora
+         else evaluate_path(ema_run / "ema", folder / "ema.eval"))
     out.append(CompareRow("ema", **metrics_of(m), extra_inputs="–",
                           extra_training="EMA during the task fine-tune",
                           merge_seconds=None, details={"beta": s.ema_beta}))
@@ -197,9 +199,3 @@ def print_compare(console, rows: list[CompareRow]) -> None:
         table.add_row(r.method, f"{r.asr:.3f}", f"{r.over_refusal:.3f}", f"{r.task:.3f}", r.extra_inputs,
                       r.extra_training, "–" if r.merge_seconds is None else f"{r.merge_seconds:.2f}")
     console.print(table)
-
-
-def cleanup_models(folder: Path) -> None:
-    """Drop the compare step's intermediate model folders that nobody reads afterwards."""
-    for name in ("lox_hardened",):
-        shutil.rmtree(folder / name, ignore_errors=True)

@@ -139,11 +139,11 @@ def _compare(work: Path, data, cfg: WorldConfig, base, pre: Path, post: Path, re
 
     sets = load_eval_sets(eval_config)
 
-    def evaluate_path(model_dir: Path, eval_dir: Path) -> dict:
+    def evaluate_path(model_dir: Path, eval_dir: Path, adapter: Path | None = None) -> dict:
         from mergesafe.finetune.trainer import no_hf_progress_bars
 
         with no_hf_progress_bars():
-            model, tok = load_model(model_dir)
+            model, tok = load_model(model_dir, adapter)
         return evaluate_loaded(model, tok, sets, eval_config, out=eval_dir, overwrite=True)
 
     rows = run_compare(work, data, cfg, base, pre, post, result.rows, result.recommendation,
