@@ -118,7 +118,10 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
 
     computed = 0
     if todo:
-        model, _ = load_model(pre, device=eval_config.device)
+        from mergesafe.finetune.trainer import no_hf_progress_bars
+
+        with no_hf_progress_bars():  # our own progress bar follows
+            model, _ = load_model(pre, device=eval_config.device)
         tokenizer = AutoTokenizer.from_pretrained(str(_tokenizer_source(pre, posts)))
         judge = load_judge(eval_config.judge, batch_size=eval_config.judge_batch_size,
                            device=eval_config.device)
