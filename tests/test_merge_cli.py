@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 import tiny_models
+from cli_helpers import leftovers, run_cli
 from mergesafe.checkpoint import open_adapter, open_checkpoint, read_manifest
-from mergesafe.cli.main import main
 from mergesafe.merge.engine import merge_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,16 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(autouse=True)
 def _hash_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MERGESAFE_CACHE_DIR", str(tmp_path / "hash-cache"))
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -50,10 +40,6 @@ def save_state(folder: Path, sd: dict[str, torch.Tensor], like: Path, **config_c
     cfg.update(config_changes)
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder
-
-
-def leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
 
 
 # ------------------------------------------------------------------ streamed == in memory

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 import tiny_models
+from cli_helpers import expect_error, leftovers, run_cli
 from mergesafe.checkpoint import open_adapter, open_checkpoint, read_manifest
-from mergesafe.cli.main import main
 from mergesafe.merge.engine import is_vocab_tensor, tensor_seed
 from mergesafe.merge.methods import sparsify as sp
 
@@ -28,33 +28,10 @@ def _hash_cache(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------ helpers
 
-def run_cli(args: list, capsys) -> tuple[int, str, str]:
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def expect_error(args: list, capsys, *fragments: str) -> str:
-    code, _, err = run_cli(args, capsys)
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("mergesafe: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
     ck = open_checkpoint(folder)
     return {n: ck.get(n).float() for n in ck.names()}
-
-
-def leftovers(parent: Path) -> list[str]:
-    return sorted(p.name for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
 
 
 def projector(w_pre: torch.Tensor, w_u: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,18 @@ class ParamSpec:
             if text in ("false", "0", "no", "off"):
                 return False
             raise UserError(f"{where}: expected true or false, got {value!r}")
+        if self.type is int:
+            try:
+                if isinstance(value, bool):
+                    raise ValueError
+                v_int = int(value.strip()) if isinstance(value, str) else int(value)
+                if not isinstance(value, str) and float(value) != v_int:
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise UserError(f"{where}: expected an integer, got {value!r}") from None
+            if self.check is not None and (msg := self.check(v_int)) is not None:
+                raise UserError(f"{where} {msg}, got {value!r}")
+            return v_int
         if self.type is float:
             if isinstance(value, bool):
                 raise UserError(f"{where}: expected a number, got {value!r}")
