@@ -486,7 +486,7 @@ def test_config_cannot_be_combined_with_pair_options(tiny_pre, tmp_path, capsys)
 def test_row_blocks_give_identical_tensors(method, pipeline, tiny_pre, tiny_post, tmp_path,
                                            monkeypatch):
     """Elementwise merges stream big tensors in row blocks: same bits as whole tensors."""
-    import mergesafe.merge.stream as stream
+    import mergesafe.stream.tensor_map as stream
     from mergesafe.merge.api import merge
 
     monkeypatch.setattr(stream, "BLOCK_ELEMENTS", 1000)
@@ -529,7 +529,7 @@ def test_merge_tensor_does_not_depend_on_thread_count(method, params):
 def test_half_precision_inputs_read_in_blocks(tiny_pre, tiny_post, tmp_path, monkeypatch):
     """Big bf16 inputs are converted to float32 block by block; big results are written one at
     a time: same bits as merge_tensor on the float32 values."""
-    import mergesafe.merge.stream as stream
+    import mergesafe.stream.tensor_map as stream
     from mergesafe.merge.api import merge
 
     monkeypatch.setattr(stream, "BLOCK_ELEMENTS", 1000)

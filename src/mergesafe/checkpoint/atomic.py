@@ -7,7 +7,9 @@ SIGHUP, turned into :class:`Terminated` while the context is active) -- the temp
 removed and ``out`` is left as it was.  An existing non-empty ``out`` is refused with a
 :class:`UserError` unless ``overwrite``; with ``overwrite`` the old folder is replaced only once
 the new one is complete.  (A SIGKILL cannot be caught: it may leave a hidden
-``.<name>.tmp-*`` folder beside ``out``, never a partial ``out``.)
+``.<name>.tmp-<pid>-*`` folder beside ``out``, never a partial ``out``.  The next run to the same
+``out`` removes the leftovers of runs whose process is gone, with one ``mergesafe: note:`` line
+on stderr each; a folder of a run that is still alive is left alone.)
 
 Used by every command that writes a folder (merge, finetune, sweep, demo)::
 
@@ -19,8 +21,10 @@ Used by every command that writes a folder (merge, finetune, sweep, demo)::
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -89,6 +93,66 @@ def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
+def temp_prefix(out: Path, kind: str = "tmp") -> str:
+    """``.<name>.tmp-<pid>-``: the prefix of this process's temporary folders beside ``out``."""
+    return f".{out.name}.{kind}-{os.getpid()}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process: leave its folder alone
+    return True
+
+
+def _size(path: Path) -> int:
+    if not path.is_dir():
+        return path.lstat().st_size
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def remove_stale_temporaries(out: str | Path, kinds: tuple[str, ...] = ("tmp", "old")) -> list[Path]:
+    """Remove ``.<name>.tmp-<pid>-*`` / ``.<name>.old-<pid>-*`` folders beside ``out`` left by
+    killed runs (their process is gone; folders of the older pid-less naming always count as
+    stale), printing one note line for each.  Returns the paths removed."""
+    out = Path(out).expanduser().absolute()
+    parent = out.parent
+    if not parent.is_dir():
+        return []
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.({'|'.join(kinds)})-(?:(\d+)-)?")
+    removed = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if not m or (m.group(2) and int(m.group(2)) == os.getpid()):
+            continue
+        if m.group(2) and _pid_alive(int(m.group(2))):
+            continue
+        try:
+            size = _size(entry)
+        except OSError:
+            size = 0
+        _remove(entry)
+        if not entry.exists():
+            removed.append(entry)
+            print(f"mergesafe: note: {entry}: removed a temporary folder left by an interrupted "
+                  f"run ({size / 1e6:.1f} MB)", file=sys.stderr)
+    return removed
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -114,7 +178,7 @@ def _commit(tmp: Path, out: Path, overwrite: bool) -> None:
             raise UserError("output folder appeared while writing and is not empty; result discarded",
                             out)
         else:
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(out, "old"), dir=out.parent))
             old.rmdir()
             os.replace(out, old)
             try:
@@ -136,7 +200,8 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     """
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())
     except OSError:

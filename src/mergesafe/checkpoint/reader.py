@@ -209,11 +209,30 @@ def _load_index(index_path: Path) -> dict[str, Path]:
         raise UserError("index has no weight_map", index_path)
     out = {}
     for name, fname in wm.items():
-        p = index_path.parent / str(fname)
+        p = index_path.parent / _contained_name(fname, index_path)
         if not p.is_file():
-            raise UserError(f"shard {fname!r} listed in the index is missing", index_path)
+            raise UserError(f"shard {_short(fname)} listed in the index is missing", index_path)
         out[str(name)] = p
     return out
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _contained_name(fname: object, index_path: Path) -> str:
+    """A shard file name from an index: a relative path inside the index's folder.
+
+    Absolute paths and ``..`` are refused (they would read other models' shards or any file);
+    symlinked shards inside the folder (the Hugging Face cache layout) are fine."""
+    if not isinstance(fname, str) or not fname or "\x00" in fname:
+        raise UserError(f"index weight_map value {_short(fname)} is not a file name", index_path)
+    rel = Path(fname)
+    if rel.is_absolute() or ".." in rel.parts or fname.startswith("~"):
+        raise UserError(f"index weight_map points outside the model folder: {_short(fname)}",
+                        index_path)
+    return fname
 
 
 def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:

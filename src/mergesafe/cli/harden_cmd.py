@@ -34,6 +34,9 @@ def command(
     allow_pickle: Annotated[bool, typer.Option(
         "--allow-pickle", help="Accept .bin weights (loaded with torch.load(weights_only=True)).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option(
+        "--allow-nonfinite", help="Write the result even when a tensor has inf or NaN values "
+        "(by default that is an error and nothing is written).")] = False,
 ) -> None:
     """Harden an aligned model with LoX before fine-tuning."""
     for flag, value in (("--unaligned PATH", unaligned), ("--rank K", rank), ("--coef A", coef)):
@@ -43,7 +46,8 @@ def command(
 
     try:
         result = harden(pre, unaligned, out, rank, coef, dtype=dtype, shard_size=shard_size,
-                        overwrite=overwrite, allow_pickle=allow_pickle, progress=not quiet)
+                        overwrite=overwrite, allow_pickle=allow_pickle, progress=not quiet,
+                        allow_nonfinite=allow_nonfinite)
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", None)
         print(f"mergesafe: error: {out}: interrupted; nothing was written", file=sys.stderr)

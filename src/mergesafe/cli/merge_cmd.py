@@ -89,6 +89,9 @@ def command(
     allow_pickle: Annotated[bool, typer.Option(
         "--allow-pickle", help="Accept .bin weights (loaded with torch.load(weights_only=True)).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    allow_nonfinite: Annotated[bool, typer.Option(
+        "--allow-nonfinite", help="Write the merge even when a tensor has inf or NaN values "
+        "(by default that is an error and nothing is written).")] = False,
     unaligned: Annotated[Optional[Path], typer.Option(
         "--unaligned", help="safe_lora, safemerge: the model before safety alignment (pre's "
         "base).")] = None,
@@ -124,7 +127,7 @@ def command(
             _tune_process()
             result = merge_config(config, out, seed=seed, dtype=dtype, shard_size=shard_size,
                                   overwrite=overwrite, allow_pickle=allow_pickle,
-                                  progress=not quiet)
+                                  progress=not quiet, allow_nonfinite=allow_nonfinite)
         else:
             if pre is None or not post:
                 raise UserError("give --pre and --post (or --config)")
@@ -135,7 +138,7 @@ def command(
                 warnings.warn("model_stock has no weights; --weight is ignored")
             if method in RESTORE_METHODS and weight:
                 raise UserError(f"{method} has no --weight (its parameters are given with --param)")
-            from mergesafe.merge.api import merge
+            from mergesafe.api import merge
 
             _tune_process()
             result = merge(pre, list(post), out, method=method,
@@ -143,7 +146,8 @@ def command(
                            anchor=anchor, dtype=dtype, shard_size=shard_size,
                            tokenizer_from=tokenizer_from, out_format=out_format,
                            overwrite=overwrite, allow_pickle=allow_pickle, progress=not quiet,
-                           unaligned=unaligned, safety_adapter=safety_adapter, harmful=harmful)
+                           unaligned=unaligned, safety_adapter=safety_adapter, harmful=harmful,
+                           allow_nonfinite=allow_nonfinite)
     except KeyboardInterrupt as err:
         signum = getattr(err, "signum", None)
         print(f"mergesafe: error: {out}: interrupted; nothing was written", file=sys.stderr)
@@ -156,9 +160,9 @@ def command(
 
 def _tune_process() -> None:
     """In the ``mergesafe`` program (only), let glibc reuse freed tensor memory (see
-    :func:`mergesafe.merge.stream.tune_malloc`)."""
+    :func:`mergesafe.stream.tune_malloc`)."""
     if _is_console():
-        from mergesafe.merge.stream import tune_malloc
+        from mergesafe.stream import tune_malloc
 
         tune_malloc()
 

@@ -6,7 +6,8 @@ is `mergesafe.evaluate.api.evaluate(...)`.
 """
 
 from mergesafe._callable import make_callable
-from mergesafe.evaluate.api import EvalSets, evaluate, evaluate_loaded, load_eval_sets, load_model
+from mergesafe.checkpoint.hf_model import load_for_generation as load_model
+from mergesafe.evaluate.api import EvalSets, evaluate, evaluate_loaded, load_eval_sets
 from mergesafe.evaluate.config import EvalConfig
 from mergesafe.evaluate.judges.registry import load_judge
 

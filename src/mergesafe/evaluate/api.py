@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from mergesafe.checkpoint.hf_model import load_for_generation, load_tokenizer, resolve_device
+from mergesafe.checkpoint.inputs import check_not_input, open_model
 from mergesafe.errors import UserError
 from mergesafe.evaluate.config import EvalConfig
 from mergesafe.evaluate.generate import generate_responses, generate_responses_vllm, require_vllm
@@ -91,45 +93,6 @@ def load_eval_sets(config: EvalConfig) -> EvalSets:
 
 def _select(rows, config: EvalConfig):
     return select_rows(rows, limit=config.limit, sample=config.sample, seed=config.seed)
-
-
-def load_model(path: str | Path, adapter: str | Path | None = None, device: str | None = None):
-    """A model folder (optionally plus a PEFT adapter) → `(model, tokenizer)`, in eval mode."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError("model folder not found", path=path)
-    if not (path / "config.json").is_file():
-        raise UserError("model folder has no config.json", path=path)
-    tok_dir = path
-    if adapter is not None:
-        adapter = Path(adapter)
-        if not (adapter / "adapter_config.json").is_file():
-            raise UserError("adapter folder not found or has no adapter_config.json", path=adapter)
-        if _has_tokenizer(adapter):
-            tok_dir = adapter
-    if not _has_tokenizer(tok_dir):
-        raise UserError("model folder has no tokenizer (tokenizer.json / tokenizer_config.json)", path=path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tok_dir))
-    except Exception as err:
-        raise UserError(f"cannot load the tokenizer ({err})", path=tok_dir) from None
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = "auto" if dev.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(dev)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter)).to(dev)
-    model.eval()
-    return model, tokenizer
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / f).is_file() for f in
-               ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
 
 
 # --------------------------------------------------------------------------- progress
@@ -283,18 +246,21 @@ def evaluate(model: Any, out: str | Path | None = None, config: EvalConfig | Non
     config = config or EvalConfig()
     out = Path(out) if out is not None else None
     if out is not None:
+        judge_dir = config.judge.partition(":")[2] if isinstance(config.judge, str) else ""
+        check_not_input(out, [model if isinstance(model, (str, Path)) else None, adapter,
+                              *config.safety, *config.over_refusal, *(p for p, _ in config.task),
+                              judge_dir or None])
         check_out(out, overwrite)
     sets = load_eval_sets(config)
     if config.backend == "vllm":
         require_vllm()
         if not isinstance(model, (str, Path)):
             raise UserError("--backend vllm needs a model folder, not an in-memory model")
-        from transformers import AutoTokenizer
-
         path = Path(model)
-        if not (path / "config.json").is_file():
-            raise UserError("model folder not found or has no config.json", path=path)
-        tok = tokenizer or AutoTokenizer.from_pretrained(str(path))
+        if not path.is_dir():
+            raise UserError("model folder not found", path=path)
+        open_model(path, allow_pickle=config.allow_pickle).close()  # headers, config, no custom code
+        tok = tokenizer or load_tokenizer(path)
 
         def generator(prompts, progress):
             return generate_responses_vllm(path, prompts, tokenizer=tok, system_prompt=config.system_prompt,
@@ -308,9 +274,11 @@ def evaluate(model: Any, out: str | Path | None = None, config: EvalConfig | Non
         name = str(model) if adapter is None else f"{model}+{adapter}"
         if judge is None:  # fail on a bad judge folder before loading the model
             check_judge_spec(config.judge)
-        loaded, tok = load_model(model, adapter, device=config.device)
+        loaded, tok = load_for_generation(model, adapter, device=config.device,
+                                          allow_pickle=config.allow_pickle)
         return evaluate_loaded(loaded, tokenizer or tok, sets, config, judge=judge, out=out, model_name=name,
                                overwrite=overwrite)
+    resolve_device(config.device)
     if tokenizer is None:
         raise UserError("an in-memory model needs its tokenizer (tokenizer=...)")
     if adapter is not None:

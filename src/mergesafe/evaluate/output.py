@@ -9,14 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from mergesafe.checkpoint.atomic import atomic_output_dir
 from mergesafe.errors import UserError
 
 
@@ -41,27 +38,6 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise UserError("output folder exists and is not empty (pass --overwrite to replace it)", path=out)
 
 
-@contextmanager
-def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; on success it replaces `out` in one rename."""
-    out = Path(out)
-    check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def sha256_path(path: Path) -> str | None:
     """sha256 of a file (None for a folder)."""
     if not path.is_file():
@@ -76,7 +52,7 @@ def sha256_path(path: Path) -> str | None:
 def write_eval_dir(out: Path, metrics: dict, rows: Iterable[dict], manifest: dict,
                    overwrite: bool = False) -> Path:
     """Write the three files of an evaluation folder, atomically."""
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
         (tmp / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=2, allow_nan=False) + "\n",
                                           encoding="utf-8")
         with (tmp / "generations.jsonl").open("w", encoding="utf-8") as fh:

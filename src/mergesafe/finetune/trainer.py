@@ -11,15 +11,13 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mergesafe.errors import UserError
+from mergesafe.checkpoint.hf_model import load_causal_lm, no_hf_progress_bars
 from mergesafe.finetune.callbacks import JsonlLogCallback, RichProgressCallback
 from mergesafe.finetune.config import FinetuneConfig
 from mergesafe.finetune.tokenize import PadCollator
@@ -65,29 +63,13 @@ def original_dtype(model) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-@contextmanager
-def no_hf_progress_bars() -> Iterator[None]:
-    """Silence transformers' "Loading weights"/"Writing model shards" bars (ours is enough)."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
 def load_model(model_path: Path, cfg: FinetuneConfig):
-    """The model in float32 (mixed precision is the trainer's job), with LoRA when asked."""
-    from transformers import AutoModelForCausalLM, set_seed
+    """The model in float32 (mixed precision is the trainer's job), with LoRA when asked.
+    Loaded through :func:`mergesafe.checkpoint.hf_model.load_causal_lm` (validated headers, no
+    custom code, no pickles unless ``cfg.allow_pickle``)."""
+    from transformers import set_seed
 
-    try:
-        with no_hf_progress_bars():
-            model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32)
-    except Exception as err:  # noqa: BLE001 - any failure to load is bad input
-        raise UserError(f"cannot load the model ({type(err).__name__}: {err})", path=model_path) from None
+    model = load_causal_lm(model_path, dtype=torch.float32, allow_pickle=cfg.allow_pickle)
     saved_dtype = original_dtype(model)
     if cfg.lora:
         from peft import LoraConfig, get_peft_model

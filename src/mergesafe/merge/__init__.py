@@ -1,7 +1,8 @@
-"""mergesafe.merge: merge methods, the streaming engine and the Python API.
+"""mergesafe.merge: merge methods, the merge engine and the Python API of the mergekit methods.
 
-``mergesafe.merge(...)`` is the merge function (:func:`mergesafe.merge.api.merge`); this package
-module is itself callable so that ``mergesafe.merge(...)`` works however it was imported.
+``mergesafe.merge(...)`` is :func:`mergesafe.api.merge` (every method, the safety-restoration
+ones included); this package module is itself callable so that ``mergesafe.merge(...)`` works
+however it was imported.  :func:`mergesafe.merge.api.merge` runs the mergekit methods.
 In-memory merging for sweeps: :func:`mergesafe.merge.engine.merge_tensor`;
 parameters: :func:`mergesafe.merge.registry.validate_params`.
 """
@@ -29,4 +30,6 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'mergesafe.merge' has no attribute {name!r}")
 
 
-make_callable(__name__, "mergesafe.merge.api", "merge")
+# The call goes to the public API above the stages (merge + restoration methods), looked up when
+# called: this package never imports mergesafe.restore.
+make_callable(__name__, "mergesafe.api", "merge")

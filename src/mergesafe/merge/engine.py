@@ -1,6 +1,6 @@
 """The merge engine: one tensor (group) through one method, in memory.
 
-The streamed merge of whole checkpoints (:mod:`mergesafe.merge.stream`) calls the same functions
+The streamed merge of whole checkpoints (:mod:`mergesafe.stream`) calls the same functions
 tensor by tensor, so it produces the same bits.  In-memory API (used by the sweep; keep stable)::
 
     merge_tensor(method, name, pre, posts, weights, params, seed, anchor=None) -> Tensor
@@ -31,32 +31,18 @@ the number of threads of either process.
 from __future__ import annotations
 
 import hashlib
-import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 
+from mergesafe.checkpoint.vocab import (VocabularyGrowthWarning, is_vocab_tensor, vocab_rows,
+                                       warn_vocab_growth)
 from mergesafe.errors import UserError
 from mergesafe.merge.registry import MethodSpec, check_della, get_method, validate_params
 
 __all__ = ["merge_tensor", "merge_group", "PairPlan", "pair_plan", "tensor_seed",
            "VocabularyGrowthWarning", "is_vocab_tensor"]
-
-_VOCAB_NAMES = re.compile(
-    r"(^|\.)(embed_tokens|lm_head|wte|word_embeddings|embed_in|embed_out|tok_embeddings|"
-    r"shared|output|embeddings)(\.|$)")
-
-
-class VocabularyGrowthWarning(UserWarning):
-    """Post added tokens: new embedding rows were taken from post."""
-
-
-def is_vocab_tensor(name: str) -> bool:
-    """Whether a tensor has one row per token (input embedding, LM head)."""
-    return bool(_VOCAB_NAMES.search(name))
-
 
 def tensor_seed(seed: int, name: str) -> int:
     """The generator seed of one tensor: 63 bits of sha256("<seed>:<name>")."""
@@ -97,39 +83,6 @@ def _kernel(spec: MethodSpec, base: torch.Tensor | None, others: list[torch.Tens
     return spec.fn(base, others, weights, **kwargs)
 
 
-def _vocab_rows(name: str, tensors: list[torch.Size], pre_rows_index: int,
-                labels: list[str]) -> tuple[int, int, int] | None:
-    """``(n_shared, n_out, donor_index)`` when the shapes differ only by added vocabulary rows
-    (pre has the fewest); ``None`` when all shapes agree; UserError otherwise."""
-    first = tensors[pre_rows_index]
-    if all(s == first for s in tensors):
-        return None
-    desc = ", ".join(f"{list(s)} in {label}" for s, label in zip(tensors, labels))
-    if (not is_vocab_tensor(name) or any(len(s) != len(first) or len(s) == 0 for s in tensors)
-            or any(s[1:] != first[1:] for s in tensors)):
-        raise UserError(f"tensor {name!r}: shape mismatch ({desc})")
-    n = first[0]
-    rows = sorted({s[0] for s in tensors})
-    if rows[0] != n or len(rows) != 2:
-        raise UserError(f"tensor {name!r}: vocabulary sizes cannot be reconciled ({desc}); "
-                        "post models must add the same number of tokens to pre")
-    n_out = rows[1]
-    donor = next(i for i, s in enumerate(tensors) if s[0] == n_out)
-    return n, n_out, donor
-
-
-_warned_vocab: set[tuple[int, int]] = set()
-
-
-def _warn_vocab(n: int, n_out: int) -> None:
-    if (n, n_out) in _warned_vocab:
-        return
-    _warned_vocab.add((n, n_out))
-    warnings.warn(f"post has {n_out - n} more vocabulary rows than pre ({n} -> {n_out}): the shared "
-                  "rows are merged, the new rows are taken from post", VocabularyGrowthWarning,
-                  stacklevel=3)
-
-
 def merge_group(spec: MethodSpec | str, name: str, base: torch.Tensor | None,
                 others: list[torch.Tensor], weights: Sequence[float],
                 model_params: dict[str, list], shared: dict[str, Any], seed: int,
@@ -149,14 +102,14 @@ def merge_group(spec: MethodSpec | str, name: str, base: torch.Tensor | None,
     ref = 0 if pre_index < 0 else pre_index + shift
     if labels is None:
         labels = (["base"] if base is not None else []) + [f"model {i + 1}" for i in range(len(others))]
-    rows = _vocab_rows(name, [t.shape for t in tensors], ref, labels)
+    rows = vocab_rows(name, [t.shape for t in tensors], ref, labels)
     gen = torch.Generator().manual_seed(tensor_seed(seed, name)) if spec.random else None
     if rows is None:
         return _kernel(spec, base, list(others), weights, model_params, shared, gen, consume)
     n, n_out, donor = rows
     if donor < shift:
         raise UserError(f"tensor {name!r}: the base has more vocabulary rows than the other models")
-    _warn_vocab(n, n_out)
+    warn_vocab_growth(n, n_out)
     merged = _kernel(spec, None if base is None else base[:n], [t[:n] for t in others], weights,
                      model_params, shared, gen)
     return torch.cat([merged, tensors[donor][n:]], dim=0)

@@ -7,7 +7,7 @@ extrapolated along the top singular directions of its alignment update::
 
 with ``k = rank`` (``0``: the full update) and ``α = coef``; 1-D tensors (norms, biases) always
 take the full update.  Streamed tensor by tensor through the merge engine
-(:func:`mergesafe.merge.stream.execute`): the output is a normal Hugging Face checkpoint with
+(:func:`mergesafe.stream.execute`): the output is a normal Hugging Face checkpoint with
 pre's config, generation config, tokenizer and chat template, written atomically, with a
 ``mergesafe.json`` manifest (``kind: harden``).  Fine-tune it as usual afterwards.
 
@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from mergesafe.checkpoint import check_output_dir, open_checkpoint, parse_size
+from mergesafe.checkpoint import check_output_dir, parse_size
+from mergesafe.checkpoint.inputs import check_not_input, open_model
 from mergesafe.errors import UserError
-from mergesafe.merge.stream import Source, StreamPlan, execute, parse_dtype, tokenizer_folder
-from mergesafe.restore.apply import open_full_model, validate_inputs
+from mergesafe.restore.apply import validate_inputs
+from mergesafe.stream import Source, StreamPlan, execute, parse_dtype, tokenizer_folder
 from mergesafe.restore.lox import lox_harden
 
 PathLike = str | Path
@@ -35,14 +36,13 @@ PathLike = str | Path
 
 def harden(pre: PathLike, unaligned: PathLike, out: PathLike, rank: int, coef: float, *,
            dtype: str | torch.dtype | None = None, shard_size: str | int = "5GB",
-           overwrite: bool = False, allow_pickle: bool = False, progress: bool = False) -> Path:
+           overwrite: bool = False, allow_pickle: bool = False, progress: bool = False,
+           allow_nonfinite: bool = False) -> Path:
     """Write ``W_pre + coef·Proj_rank(W_pre − W_unaligned)`` for every tensor into ``out``.
 
     ``rank`` >= 0 (0 = full update), ``coef`` finite.  Bad input raises
     :class:`~mergesafe.errors.UserError` before anything is written.  Returns ``out``.
     """
-    from mergesafe.merge.api import _check_not_input
-
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
         raise UserError(f"--rank must be an integer >= 0 (0 = the full alignment update), got {rank!r}")
     try:
@@ -53,14 +53,10 @@ def harden(pre: PathLike, unaligned: PathLike, out: PathLike, rank: int, coef: f
         raise UserError(f"--coef must be finite, got {coef!r}")
     out_dtype = parse_dtype(dtype)
     size = parse_size(shard_size)
-    out = Path(out).expanduser()
-    _check_not_input(out, [Path(pre), Path(unaligned)])
-    check_output_dir(out, overwrite)
-    pre_p = Path(pre).expanduser()
-    if not pre_p.exists():
-        raise UserError("no such file or folder (given as --pre)", pre_p)
-    pre_src = Source("pre", open_checkpoint(pre_p, allow_pickle=allow_pickle), "pre")
-    u_src = Source("unaligned", open_full_model(unaligned, "--unaligned", allow_pickle), "unaligned")
+    check_not_input(out, [pre, unaligned])
+    out = check_output_dir(out, overwrite)
+    pre_src = Source("pre", open_model(pre, "--pre", allow_pickle), "pre")
+    u_src = Source("unaligned", open_model(unaligned, "--unaligned", allow_pickle), "unaligned")
     validate_inputs(pre_src, [pre_src, u_src], out_dtype, "harden")
 
     def compute(name: str, loaded: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -74,5 +70,6 @@ def harden(pre: PathLike, unaligned: PathLike, out: PathLike, rank: int, coef: f
     }
     plan = StreamPlan(kind="harden", reference=pre_src, sources=[pre_src, u_src], compute=compute,
                       out_dtype=out_dtype, tokenizer_src=tokenizer_folder(pre_src, pre_src),
-                      generation_src=[pre_src.dir], manifest=manifest, elementwise=rank == 0)
+                      generation_src=[pre_src.dir], manifest=manifest, elementwise=rank == 0,
+                      allow_nonfinite=allow_nonfinite)
     return execute(plan, out, overwrite=overwrite, shard_size=size, progress=progress)

@@ -27,6 +27,8 @@ class SweepResult:
     reused: int = 0
     best_model: Path | None = None
     notes: list[str] = field(default_factory=list)
+    title: str = "mergesafe sweep"
+    inputs: dict[str, str] = field(default_factory=dict)  # for the report: pre, post, judge
 
     def row(self, method: str, weight: float | None = None) -> Row | None:
         for r in self.rows:
@@ -56,18 +58,18 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
           refusal_tolerance: float = 0.02, save_best: bool = False, overwrite: bool = False,
           progress: bool = True, seed: int = 0, anchor: str | Path | None = None,
           allow_pickle: bool = False, title: str | None = None) -> SweepResult:
-    """Evaluate pre, post and every (method, λ) merge; write results, recommendation and report.
+    """Evaluate pre, post and every (method, λ) merge; write results and the recommendation.
 
+    (The report is written by the caller: :func:`mergesafe.api.sweep`, the ``sweep`` command.)
     Each finished trial is appended to `OUT/results.jsonl` at once; running again skips the
     trials whose key (inputs, method, parameters, λ, seed, evaluation settings) is already there.
     `overwrite=True` starts from an empty results file (the old one is removed).
     """
-    from mergesafe.evaluate.api import evaluate_loaded, load_eval_sets, load_judge, load_model
+    from mergesafe.checkpoint.hf_model import load_for_generation, load_tokenizer
+    from mergesafe.checkpoint.inputs import check_not_input
+    from mergesafe.evaluate.api import evaluate_loaded, load_eval_sets, load_judge
     from mergesafe.merge.registry import validate_params
-    from transformers import AutoTokenizer
-
     from mergesafe.sweep.live import LiveMerge
-    from mergesafe.report.html import write_report
 
     pre = Path(pre)
     posts = [Path(p) for p in (post if isinstance(post, list) else [post])]
@@ -75,6 +77,7 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
     for path in [pre, *posts, *([Path(anchor)] if anchor else [])]:
         if not path.exists():
             raise UserError("no such model folder", path=path)
+    check_not_input(out, [pre, *posts, anchor])
     if not weights:
         raise UserError("empty weight grid", path="--weights")
     if not methods:
@@ -96,19 +99,27 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
 
     if out.exists() and not out.is_dir():
         raise UserError("exists and is not a folder", path=out)
-    if overwrite and (out / "results.jsonl").exists():
-        (out / "results.jsonl").unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    store = ResultsStore(out)
-    notes = []
-    if store.set_aside is not None:
-        notes.append(f"{out / 'results.jsonl'} was written by an incompatible version; kept as "
-                     f"{store.set_aside.name}, a new results file was started")
-
+    # everything that can be wrong with the input is found before OUT is created
     sets = load_eval_sets(eval_config)
     settings = _eval_settings(eval_config)
     inputs = {"pre": fingerprint(pre), "posts": [fingerprint(p) for p in posts],
               "anchor": fingerprint(Path(anchor)) if anchor else None}
+    live_inputs = LiveMerge.open_inputs(pre, posts, anchor=Path(anchor) if anchor else None,
+                                        allow_pickle=allow_pickle)
+
+    if overwrite and (out / "results.jsonl").exists():
+        (out / "results.jsonl").unlink()
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        store = ResultsStore(out)
+    except BaseException:
+        _remove_if_empty(out, created)
+        raise
+    notes = []
+    if store.set_aside is not None:
+        notes.append(f"{out / 'results.jsonl'} was written by an incompatible version; kept as "
+                     f"{store.set_aside.name}, a new results file was started")
 
     trials: list[tuple[str, float, dict[str, Any]]] = [("pre", 0.0, {}), ("post", 1.0, {})]
     trials += [(m, float(w), checked[m]) for m in methods for w in weights]
@@ -118,15 +129,16 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
 
     computed = 0
     if todo:
-        from mergesafe.finetune.trainer import no_hf_progress_bars
-
-        with no_hf_progress_bars():  # our own progress bar follows
-            model, _ = load_model(pre, device=eval_config.device)
-        tokenizer = AutoTokenizer.from_pretrained(str(_tokenizer_source(pre, posts)))
-        judge = load_judge(eval_config.judge, batch_size=eval_config.judge_batch_size,
-                           device=eval_config.device)
-        live = LiveMerge(model, pre, posts, anchor=Path(anchor) if anchor else None,
-                         allow_pickle=allow_pickle)
+        try:
+            model, _ = load_for_generation(pre, device=eval_config.device,
+                                           allow_pickle=allow_pickle)
+            tokenizer = load_tokenizer(_tokenizer_source(pre, posts))
+            judge = load_judge(eval_config.judge, batch_size=eval_config.judge_batch_size,
+                               device=eval_config.device)
+            live = LiveMerge(model, live_inputs)
+        except BaseException:
+            _remove_if_empty(out, created)
+            raise
         with _trial_progress(len(keyed), len(keyed) - len(todo), progress) as bar:
             for method, weight, p, key in todo:
                 t0 = time.perf_counter()
@@ -150,13 +162,20 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
     _write_json(out / "recommendation.json", {k: rec[k] for k in ("method", "weight", "params", "reason")}
                 | {"key": rec["key"], "qualified": rec["qualified"], "select_on": select_set,
                    "asr_tolerance": asr_tolerance, "refusal_tolerance": refusal_tolerance})
-    write_report(out, rows, rec, select_set=select_set, title=title or "mergesafe sweep",
-                 inputs={"pre": str(pre), "post": ", ".join(map(str, posts)), "judge": eval_config.judge})
     result = SweepResult(rows=rows, recommendation=rec, front=front, out=out, select_set=select_set,
-                         computed=computed, reused=len(keyed) - computed, notes=notes)
+                         computed=computed, reused=len(keyed) - computed, notes=notes,
+                         title=title or "mergesafe sweep",
+                         inputs={"pre": str(pre), "post": ", ".join(map(str, posts)),
+                                 "judge": str(eval_config.judge)})
     if save_best:
         result.best_model = _save_best(pre, posts, out / "best", rec, seed, allow_pickle, anchor)
     return result
+
+
+def _remove_if_empty(out: Path, created: bool) -> None:
+    """A sweep that failed before its first trial leaves no empty OUT behind."""
+    if created and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
 
 
 def _best_so_far(rows: list[Row | None], asr_tolerance: float, refusal_tolerance: float,

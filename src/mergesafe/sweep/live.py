@@ -7,27 +7,42 @@ point equals the merged checkpoint) and copies it into the live model's paramete
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mergesafe.checkpoint import is_adapter_dir, open_adapter, open_checkpoint
+from mergesafe.checkpoint.inputs import open_model, open_model_or_adapter
 from mergesafe.errors import UserError
 from mergesafe.merge.engine import merge_pair, pair_plan
+
+
+@dataclass
+class LiveInputs:
+    """The opened (validated, not yet read) checkpoints of a sweep: pre, posts, anchor."""
+
+    pre: Any
+    posts: list[Any]
+    anchor: Any = None
 
 
 class LiveMerge:
     """Holds θ_pre, θ_post (one or several) and a live model; `apply` writes a merge into it."""
 
-    def __init__(self, model: nn.Module, pre: Path, posts: list[Path], *, anchor: Path | None = None,
-                 allow_pickle: bool = False) -> None:
+    @staticmethod
+    def open_inputs(pre: Path, posts: list[Path], *, anchor: Path | None = None,
+                    allow_pickle: bool = False) -> LiveInputs:
+        """Open and validate every input (headers, adapters, configs) before any work."""
+        pre_ckpt = open_model(pre, "--pre", allow_pickle)
+        return LiveInputs(pre_ckpt,
+                          [open_model_or_adapter(p, pre_ckpt, "--post", allow_pickle) for p in posts],
+                          open_model(anchor, "--anchor", allow_pickle) if anchor else None)
+
+    def __init__(self, model: nn.Module, inputs: LiveInputs) -> None:
         self.model = model
-        pre_ckpt = open_checkpoint(pre, allow_pickle=allow_pickle)
-        post_ckpts = [open_adapter(p, pre_ckpt) if is_adapter_dir(p)
-                      else open_checkpoint(p, allow_pickle=allow_pickle) for p in posts]
-        anchor_ckpt = open_checkpoint(anchor, allow_pickle=allow_pickle) if anchor else None
+        pre_ckpt, post_ckpts, anchor_ckpt = inputs.pre, inputs.posts, inputs.anchor
         self.params: dict[str, nn.Parameter] = dict(model.named_parameters())
         names = set(pre_ckpt.names())
         self.pre: dict[str, torch.Tensor] = {}
@@ -35,7 +50,8 @@ class LiveMerge:
         self.anchor: dict[str, torch.Tensor] = {}
         for name in self.params:
             if name not in names:
-                raise UserError(f"tensor '{name}' of the live model is not in the checkpoint", path=pre)
+                raise UserError(f"tensor '{name}' of the live model is not in the checkpoint",
+                                path=pre_ckpt.dir)
             self.pre[name] = pre_ckpt.get(name).to(torch.float32)
             for store, ckpt in zip(self.posts, post_ckpts):
                 store[name] = ckpt.get(name).to(torch.float32)

@@ -59,7 +59,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, lora: bool = F
     `compare=True` also runs the related safety-restoration methods (`world/compare.py`) and
     writes `OUT/compare.json` and a table in the report."""
     from mergesafe.evaluate.config import EvalConfig
-    from mergesafe.sweep.api import sweep
+    from mergesafe.api import sweep
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -133,17 +133,15 @@ def _compare(work: Path, data, cfg: WorldConfig, base, pre: Path, post: Path, re
     """The related methods on the same sets; `compare.json` and the report's table."""
     from dataclasses import asdict
 
-    from mergesafe.evaluate.api import evaluate_loaded, load_eval_sets, load_model
-    from mergesafe.report.html import write_report
+    from mergesafe.checkpoint.hf_model import load_for_generation
+    from mergesafe.evaluate.api import evaluate_loaded, load_eval_sets
+    from mergesafe.report import write_report
     from mergesafe.world.compare import run_compare, write_compare_json
 
     sets = load_eval_sets(eval_config)
 
     def evaluate_path(model_dir: Path, eval_dir: Path, adapter: Path | None = None) -> dict:
-        from mergesafe.finetune.trainer import no_hf_progress_bars
-
-        with no_hf_progress_bars():
-            model, tok = load_model(model_dir, adapter)
+        model, tok = load_for_generation(model_dir, adapter)
         return evaluate_loaded(model, tok, sets, eval_config, out=eval_dir, overwrite=True)
 
     rows = run_compare(work, data, cfg, base, pre, post, result.rows, result.recommendation,

@@ -52,7 +52,7 @@ def init_model(out: Path, corpus: Iterable[str], shape: ModelShape | None = None
     model = LlamaForCausalLM(cfg)
     model.generation_config = GenerationConfig(
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, do_sample=False)
-    from mergesafe.finetune.trainer import no_hf_progress_bars
+    from mergesafe.checkpoint.hf_model import no_hf_progress_bars
 
     with no_hf_progress_bars():
         model.save_pretrained(str(out))

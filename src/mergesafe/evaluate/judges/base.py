@@ -49,20 +49,18 @@ class ModelJudge(Judge):
 
     def __init__(self, path: str | Path, *, batch_size: int = 8, device: str | None = None) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from mergesafe.checkpoint.hf_model import load_causal_lm, load_tokenizer, resolve_device
 
         path = Path(path)
         if not path.is_dir():
             raise UserError(f"{self.name} judge folder not found", path=path)
         if not (path / "config.json").is_file():
             raise UserError(f"{self.name} judge folder has no config.json (not a model folder)", path=path)
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(path))
-        except Exception as err:
-            raise UserError(f"{self.name} judge folder has no usable tokenizer ({err})", path=path) from None
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = resolve_device(device)
+        self.tokenizer = load_tokenizer(path)
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(dev)
+        self.model = load_causal_lm(path, dtype=dtype, device=str(dev))
         self.model.eval()
         self.path = path
         self.batch_size = batch_size

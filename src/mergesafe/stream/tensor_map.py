@@ -1,11 +1,13 @@
-"""Streamed merging of whole checkpoints: one tensor at a time, constant memory in the number of
-layers, written straight into sharded safetensors inside an atomic output folder.
+"""The streaming map over whole checkpoints: one tensor at a time, constant memory in the number
+of layers, written straight into sharded safetensors inside an atomic output folder.
 
-A :class:`StreamPlan` (built by :mod:`mergesafe.merge.api` for pre/post merges or by
-:mod:`mergesafe.merge.config` for mergekit YAML) says which inputs exist, which tensors the output
-has, and how to load and merge one tensor.  :func:`execute` validates everything that can be
-validated before writing, then streams: a reader thread loads the next tensor's inputs while the
-current one is merged and written.
+A :class:`StreamPlan` (built by :mod:`mergesafe.merge.api` for pre/post merges, by
+:mod:`mergesafe.merge.config` for mergekit YAML, and by :mod:`mergesafe.restore` for the
+safety-restoration methods and LoX hardening) says which inputs exist, which tensors the output
+has, and how to compute one output tensor from its inputs.  :func:`execute` validates everything
+that can be validated before writing, then streams: a reader thread loads the next tensor's
+inputs while the current one is computed and written.  A computed tensor with inf or NaN is an
+error unless the plan allows it (``--allow-nonfinite``).
 """
 
 from __future__ import annotations
@@ -31,9 +33,8 @@ from mergesafe.checkpoint import (
     has_tokenizer,
     write_manifest,
 )
+from mergesafe.checkpoint.vocab import reset_vocab_warnings, vocab_rows
 from mergesafe.errors import UserError
-from mergesafe.merge import engine as _engine
-from mergesafe.merge.engine import _vocab_rows
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -82,6 +83,8 @@ class StreamPlan:
     # True when ``compute`` is elementwise (linear, task arithmetic): big tensors may then be
     # streamed in row blocks, with bit-identical results and far less memory
     elementwise: bool = False
+    # False: a computed floating tensor with inf or NaN stops the merge (nothing is written)
+    allow_nonfinite: bool = False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +144,7 @@ def plan_outputs(reference: Source, sources: list[Source], out_dtype: torch.dtyp
     for name in names:
         shapes = [torch.Size(s.ckpt.shape(name)) for s in sources]
         try:
-            rows = _vocab_rows(name, shapes, ref_index, labels)
+            rows = vocab_rows(name, shapes, ref_index, labels)
         except UserError as err:
             culprit = next((s for s, sh in zip(sources, shapes) if sh != shapes[ref_index]), reference)
             raise UserError(str(err), culprit.dir) from None
@@ -357,7 +360,7 @@ def execute(plan: StreamPlan, out: str | Path, *, overwrite: bool = False,
     ``MERGESAFE_SYNC_WRITE=1`` turn the helper threads off.
     """
     t0 = time.perf_counter()
-    _engine._warned_vocab.clear()  # warn once per merge
+    reset_vocab_warnings()  # warn once per merge
     out = check_output_dir(out, overwrite)
     check_architectures(plan.reference, plan.sources)
     entries, grown = plan_outputs(plan.reference, plan.sources, plan.out_dtype)
@@ -379,7 +382,8 @@ def execute(plan: StreamPlan, out: str | Path, *, overwrite: bool = False,
             bar = _Progress(len(writer.order), progress)
             t_merge = time.perf_counter()
             try:
-                _stream(plan, writer, async_writer, pool, bar, grown)
+                _stream(plan, writer, async_writer, pool, bar, grown,
+                        {e.name: e for e in entries})
             except BaseException:
                 # stop the writer thread before the temporary folder is removed
                 if async_writer is not None:
@@ -402,7 +406,7 @@ def execute(plan: StreamPlan, out: str | Path, *, overwrite: bool = False,
             timings["hash_wait_s"] = time.perf_counter() - t_hash
             timings["total_s"] = time.perf_counter() - t0
             m = dict(plan.manifest)
-            inputs = _hash_records(m.pop("inputs", None) or {}, plan, hashes)
+            inputs = hash_records(m.pop("inputs", None) or {}, plan, hashes)
             write_manifest(tmp, kind=plan.kind, inputs=inputs, timings=timings,
                            output={"dtype": str(out_dt).removeprefix("torch."),
                                    "files": writer.files, "tensors": len(writer.order),
@@ -421,10 +425,10 @@ def execute(plan: StreamPlan, out: str | Path, *, overwrite: bool = False,
 
 
 def _stream(plan: StreamPlan, writer: StreamingShardWriter, async_writer: "_AsyncWriter | None",
-            pool: ThreadPoolExecutor | None, bar: _Progress, grown: dict) -> None:
+            pool: ThreadPoolExecutor | None, bar: _Progress, grown: dict,
+            planned: dict[str, OutEntry]) -> None:
     """The merge loop: load (ahead, on ``pool``), merge, cast, write (behind, on the writer)."""
     items = _work_items(plan, writer.order, grown)
-    planned = writer._planned
     ref = plan.reference.ckpt
 
     def ahead(item) -> bool:  # read ahead only what is small (blocks always are)
@@ -451,6 +455,8 @@ def _stream(plan: StreamPlan, writer: StreamingShardWriter, async_writer: "_Asyn
         dtype = planned[name].dtype
         if result.dtype != dtype:
             result = result.to(dtype)
+        if not plan.allow_nonfinite and result.is_floating_point():
+            check_finite(name, result)  # after the cast: float16 overflows to inf
         if async_writer is not None:
             async_writer.put(name, result)
         else:
@@ -464,7 +470,15 @@ def _stream(plan: StreamPlan, writer: StreamingShardWriter, async_writer: "_Asyn
         async_writer.join()
 
 
-def _hash_records(inputs: dict[str, Any], plan: StreamPlan, hashes: dict[Path, str]) -> dict:
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """A merged tensor with inf or NaN is an error (``--allow-nonfinite`` accepts it)."""
+    if not bool(torch.isfinite(tensor).all()):
+        n_bad = int((~torch.isfinite(tensor)).sum())
+        raise UserError(f"tensor {name!r}: the result has {n_bad} non-finite values (inf/NaN); "
+                        "check --weight and --param, or pass --allow-nonfinite to write it anyway")
+
+
+def hash_records(inputs: dict[str, Any], plan: StreamPlan, hashes: dict[Path, str]) -> dict:
     """Replace Source objects (or lists of them) in ``inputs`` by hashed records."""
     def rec(v: Any) -> Any:
         if isinstance(v, Source):
