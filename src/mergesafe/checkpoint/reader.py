@@ -190,13 +190,21 @@ def _load_bin(path: Path) -> dict:
     return obj
 
 
+MAX_JSON_BYTES = 100 * 1024 * 1024  # config, index, adapter config: far below this in practice
+
+
 def read_json(path: Path) -> dict:
+    """A JSON object from a model's metadata file (at most ``MAX_JSON_BYTES``), or UserError."""
     try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise UserError(f"{size} bytes is too large for a JSON metadata file "
+                            f"(limit {MAX_JSON_BYTES})", path)
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise UserError(f"cannot read: {err.strerror or err}", path) from None
-    except ValueError as err:
-        raise UserError(f"invalid JSON: {err}", path) from None
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"invalid JSON: {str(err)[:200]}", path) from None
     if not isinstance(data, dict):
         raise UserError("invalid JSON: expected an object", path)
     return data
