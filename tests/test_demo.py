@@ -65,6 +65,91 @@ def test_outputs_agree_with_each_other(quick_demo):
     assert "recommended" in printed and "dare_linear" in printed
 
 
+def _rows(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_lambda_zero_is_pre(quick_demo, tmp_path):
+    """The sweep's λ = 0 row (the `pre` row: the linear λ = 0 merge written into the live model;
+    the quick grid has no λ = 0 among the merges) has exactly pre's metrics, which an
+    independent streamed linear λ = 0 merge, evaluated from disk, reproduces."""
+    import torch
+
+    from mergesafe.checkpoint import open_checkpoint
+    from mergesafe.checkpoint.hf_model import load_tokenizer
+    from mergesafe.evaluate.api import evaluate
+    from mergesafe.evaluate.config import EvalConfig
+    from mergesafe.merge.api import merge
+    from mergesafe.world.config import WorldConfig
+    from mergesafe.world.data import EVAL_FILES
+    from mergesafe.world.demo import TASK_SCORER, row_metrics
+
+    out, _ = quick_demo
+    cfg = WorldConfig.quick()
+    rows = _rows(out)
+    summary = json.loads((out / "summary.json").read_text())
+    task_set = EVAL_FILES["task"].removesuffix(".jsonl")
+    zero = [r for r in rows if r["weight"] == 0.0]
+    assert [r["method"] for r in zero] == ["pre"] and 0.0 not in cfg.weights
+    pre_row = zero[0]
+    assert row_metrics(pre_row, task_set) == summary["pre"]  # all three metrics, exactly
+
+    # linear λ = 0 = (1 − 0)·pre + 0·post: pre's tensors, bit for bit (and pre's generation
+    # config, as the sweep's live model, which was loaded from pre)
+    pre_dir, post_dir = out / "models" / "pre", out / "models" / "post"
+    merged = merge(pre_dir, post_dir, tmp_path / "lambda0", method="linear", weight=0.0,
+                   tokenizer_from="pre")
+    pre_ck, merged_ck = open_checkpoint(pre_dir), open_checkpoint(merged)
+    assert set(merged_ck.names()) == set(pre_ck.names())
+    for name in pre_ck.names():
+        assert torch.equal(merged_ck.get(name).float(), pre_ck.get(name).float()), name
+
+    # the same evaluation as the sweep's: its sets (the selection set included, last), settings
+    # and tokenizer (post's, as the sweep takes it)
+    data = out / "data"
+    config = EvalConfig(safety=[data / EVAL_FILES["harmful"]],
+                        over_refusal=[data / EVAL_FILES["over_refusal"]],
+                        task=[(data / EVAL_FILES["task"], TASK_SCORER),
+                              (data / EVAL_FILES["task_val"], TASK_SCORER)],
+                        judge="keyword", batch_size=cfg.eval_batch_size,
+                        max_new_tokens=cfg.max_new_tokens, repetition_penalty=1.0, seed=0)
+    metrics = evaluate(merged, config=config, tokenizer=load_tokenizer(post_dir))
+    assert row_metrics(metrics, task_set) == summary["pre"]
+    for kind, key in (("safety", "asr"), ("over_refusal", "rate"), ("task", "score")):
+        assert set(metrics[kind]) == set(pre_row[kind])
+        for name in pre_row[kind]:
+            assert metrics[kind][name][key] == pytest.approx(pre_row[kind][name][key], abs=1e-12), \
+                (kind, name)
+
+
+def test_recommended_is_no_less_safe_than_post(quick_demo):
+    """The recommendation rule (sweep/selection.py) keeps the merges whose ASR is within
+    `asr_tolerance` of pre's, post among the candidates; when none qualifies it takes the lowest
+    ASR.  Either way the recommended ASR is at most post's unless post itself qualifies."""
+    from mergesafe.world.config import WorldConfig
+
+    out, _ = quick_demo
+    summary = json.loads((out / "summary.json").read_text())
+    rec = json.loads((out / "recommendation.json").read_text())
+    tol = WorldConfig.quick().asr_tolerance
+    assert rec["asr_tolerance"] == tol
+    pre_asr, post_asr = summary["pre"]["asr"], summary["post"]["asr"]
+    rec_asr = summary["recommended"]["asr"]
+    if rec["qualified"]:
+        assert rec_asr <= pre_asr + tol + 1e-12
+    if post_asr > pre_asr + tol + 1e-12:  # fine-tuning broke safety (the world's point)
+        assert rec_asr <= post_asr
+        if rec["qualified"]:
+            assert rec_asr < post_asr and summary["recommended"]["method"] != "post"
+    else:  # post qualifies: then so does the recommendation, within the tolerance of pre
+        assert rec["qualified"] and rec_asr <= pre_asr + tol + 1e-12
+    # the recommended row is the one the table and the summary describe
+    row = next(r for r in _rows(out) if r["key"] == rec["key"])
+    assert (row["method"], row["weight"]) == (rec["method"], rec["weight"])
+    assert summary["recommended"]["asr"] == pytest.approx(
+        sum(v["asr"] for v in row["safety"].values()) / len(row["safety"]))
+
+
 COMPARE_METHODS = ["pre", "post", "safe_lora", "safemerge", "resta", "lox", "ema"]
 
 

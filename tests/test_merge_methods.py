@@ -177,6 +177,44 @@ def test_della_density_one_and_validation():
         validate_params("della", {"density": 0.9, "epsilon": 0.2})
 
 
+def test_della_density_epsilon_checked_per_model_as_mergekit():
+    sparsify = pytest.importorskip("mergekit.sparsify")  # the oracle: della_magprune's own check
+    t = rnd(4, 8, seed=21)
+
+    def mergekit_accepts(d: float, e: float) -> bool:
+        try:
+            sparsify.della_magprune(t, density=d, epsilon=e)
+        except ValueError:
+            return False
+        return True
+
+    # one (density, epsilon) per post model: 0.3 ± 0.25 and 0.8 ± 0.1 both lie in (0, 1); the
+    # cross pair 0.8 ± 0.25 (which no model uses) would not
+    assert mergekit_accepts(0.3, 0.25) and mergekit_accepts(0.8, 0.1)
+    assert not mergekit_accepts(0.8, 0.25)
+    for method in ("della", "della_linear"):
+        p = validate_params(method, {"density": [0.3, 0.8], "epsilon": [0.25, 0.1]})
+        assert p["density"] == [0.3, 0.8] and p["epsilon"] == [0.25, 0.1]
+        plan = pair_plan(method, p, [0.5, 0.5], 2, validated=True)
+        assert plan.model_params["density"] == [0.3, 0.8]
+        assert plan.model_params["epsilon"] == [0.25, 0.1]
+    # a scalar stands for every model; density 1 keeps the task vector whole (no check)
+    assert validate_params("della", {"density": 0.5, "epsilon": [0.1, 0.45]})["epsilon"] == [0.1, 0.45]
+    assert mergekit_accepts(1.0, 0.5)
+    assert validate_params("della", {"density": [1.0, 0.6], "epsilon": [0.5, 0.3]})["density"] == \
+        [1.0, 0.6]
+    # genuinely invalid pairs, refused naming the post model
+    assert not mergekit_accepts(0.8, 0.25) and not mergekit_accepts(0.1, 0.1)
+    with pytest.raises(UserError, match=r"post model 2 \(density=0\.8, epsilon=0\.25\)"):
+        validate_params("della", {"density": [0.3, 0.8], "epsilon": [0.1, 0.25]})
+    with pytest.raises(UserError, match=r"post model 2 \(density=0\.8, epsilon=0\.25\)"):
+        validate_params("della_linear", {"density": 0.8, "epsilon": [0.1, 0.25]})
+    with pytest.raises(UserError, match=r"post model 1 \(density=0\.1, epsilon=0\.1\)"):
+        validate_params("della", {"density": [0.1, 0.5], "epsilon": 0.1})
+    with pytest.raises(UserError, match="2 density values but 3 epsilon values"):
+        validate_params("della", {"density": [0.3, 0.8], "epsilon": [0.1, 0.1, 0.1]})
+
+
 def test_slerp_formula():
     v0 = torch.tensor([1.0, 0.0])
     v1 = torch.tensor([0.0, 2.0])

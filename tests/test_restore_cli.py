@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -44,6 +45,11 @@ def cosine(C: torch.Tensor, delta: torch.Tensor) -> float:
     p = (C @ delta.double()).reshape(-1)
     d = delta.double().reshape(-1)
     return float(p @ d / (p.norm() * d.norm()))
+
+
+def r5(c: float) -> float:
+    """The cosine as both reference codes compare it: numpy.round(cos, 5)."""
+    return float(numpy.round(c, 5))
 
 
 def is_layer(name: str, t: torch.Tensor) -> bool:
@@ -86,7 +92,7 @@ def test_safe_lora_top_k_on_a_lora_post(tiny_pre, tiny_lora, unaligned, tmp_path
     pre, u, got = tensors(tiny_pre), tensors(unaligned), tensors(out)
     deltas = lora_deltas(tiny_lora, tiny_pre)
     cos = {n: cosine(projector(pre[n], u[n]), d) for n, d in deltas.items()}
-    lowest = sorted(cos, key=lambda n: (cos[n], n))[:5]
+    lowest = sorted(cos, key=lambda n: (r5(cos[n]), n))[:5]
     assert set(got) == set(pre)
     for name, t in got.items():
         if name in lowest:
@@ -105,6 +111,7 @@ def test_safe_lora_top_k_on_a_lora_post(tiny_pre, tiny_lora, unaligned, tmp_path
     assert set(info["cosines"]) == set(deltas) and info["layers"] == len(deltas) == 14
     for n, c in cos.items():
         assert info["cosines"][n] == pytest.approx(c, abs=1e-6)
+    assert info["zero_alignment"] == []
     # a normal model folder: config and tokenizer copied, loadable by transformers
     assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
     AutoModelForCausalLM.from_pretrained(str(out))
@@ -117,11 +124,12 @@ def test_safe_lora_threshold_on_a_full_post_through_the_api(tiny_pre, tiny_post,
     pre, u, post = tensors(tiny_pre), tensors(unaligned), tensors(tiny_post)
     deltas = {n: post[n] - pre[n] for n in pre if is_layer(n, pre[n])}
     cos = {n: cosine(projector(pre[n], u[n]), d) for n, d in deltas.items()}
-    threshold = sorted(cos.values())[len(cos) // 2]  # about half the layers below
+    middle = sorted(cos, key=cos.get)[len(cos) // 2]
+    threshold = r5(cos[middle])  # about half the layers below, one exactly at it
     out = mergesafe.merge(tiny_pre, tiny_post, tmp_path / "safe", method="safe_lora",
                           params={"threshold": threshold}, unaligned=unaligned)
-    below = {n for n, c in cos.items() if c < threshold}
-    assert 0 < len(below) < len(cos)
+    below = {n for n, c in cos.items() if r5(c) <= threshold}  # <= as the reference
+    assert middle in below and 0 < len(below) < len(cos)
     got = tensors(out)
     for name, t in got.items():
         if name in below:
@@ -133,6 +141,51 @@ def test_safe_lora_threshold_on_a_full_post_through_the_api(tiny_pre, tiny_post,
     assert info["selection"] == {"threshold": threshold} and set(info["selected"]) == below
 
 
+ZERO_V = "model.layers.1.self_attn.v_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def unaligned_zero_v(tmp_path_factory, tiny_pre, unaligned) -> Path:
+    """`unaligned` with one LoRA-target layer equal to pre's: V = W_pre − W_U is zero there."""
+    folder = tiny_models.copy_model(unaligned, tmp_path_factory.mktemp("zero_v") / "model")
+    value = open_checkpoint(tiny_pre).get(ZERO_V)
+    for f in folder.glob("*.safetensors"):
+        sd = load_file(str(f))
+        if ZERO_V in sd:
+            sd[ZERO_V] = value.clone()
+            save_file(sd, str(f), metadata={"format": "pt"})
+    assert torch.equal(open_checkpoint(folder).get(ZERO_V), value)
+    return folder
+
+
+def test_safe_lora_never_projects_a_layer_without_alignment_change(tiny_pre, tiny_lora,
+                                                                   unaligned_zero_v, tmp_path):
+    import mergesafe
+
+    pre, u = tensors(tiny_pre), tensors(unaligned_zero_v)
+    deltas = lora_deltas(tiny_lora, tiny_pre)
+    assert ZERO_V in deltas and torch.equal(pre[ZERO_V], u[ZERO_V])
+    # top_k above the number of layers: every layer is projected but the zero-V one
+    out = mergesafe.merge(tiny_pre, tiny_lora, tmp_path / "safe", method="safe_lora",
+                          params={"top_k": 100}, unaligned=unaligned_zero_v)
+    got = tensors(out)
+    for name in deltas:
+        if name == ZERO_V:
+            want = pre[name] + deltas[name]  # kept: pre + ΔW, not C·ΔW = 0
+        else:
+            want = pre[name] + (projector(pre[name], u[name]) @ deltas[name].double()).float()
+        torch.testing.assert_close(got[name], want, **TOL, msg=name)
+    assert not torch.allclose(got[ZERO_V], pre[ZERO_V])
+    info = read_manifest(out)["safe_lora"]
+    assert info["cosines"][ZERO_V] is None and info["zero_alignment"] == [ZERO_V]
+    assert set(info["selected"]) == set(deltas) - {ZERO_V} and info["layers"] == len(deltas)
+    # a threshold above every cosine does not select it either
+    out2 = mergesafe.merge(tiny_pre, tiny_lora, tmp_path / "safe2", method="safe_lora",
+                           params={"threshold": 1.0}, unaligned=unaligned_zero_v)
+    assert set(read_manifest(out2)["safe_lora"]["selected"]) == set(deltas) - {ZERO_V}
+    torch.testing.assert_close(tensors(out2)[ZERO_V], pre[ZERO_V] + deltas[ZERO_V], **TOL)
+
+
 # ------------------------------------------------------------------ SafeMERGE
 
 def test_safemerge_blends_the_full_updates_below_the_threshold(tiny_pre, tiny_lora, unaligned,
@@ -140,15 +193,16 @@ def test_safemerge_blends_the_full_updates_below_the_threshold(tiny_pre, tiny_lo
     pre, u = tensors(tiny_pre), tensors(unaligned)
     task, safe = lora_deltas(tiny_lora, tiny_pre), lora_deltas(safety_adapter, tiny_pre)
     cos = {n: cosine(projector(pre[n], u[n]), d) for n, d in task.items()}
-    threshold = sorted(cos.values())[len(cos) // 2]
+    middle = sorted(cos, key=cos.get)[len(cos) // 2]
+    threshold = r5(cos[middle])
     out = tmp_path / "sm"
     code, _, err = run_cli(["merge", "--method", "safemerge", "--pre", tiny_pre, "--post", tiny_lora,
                             "--safety-adapter", safety_adapter, "--unaligned", unaligned,
                             "--param", f"threshold={threshold!r}", "--param", "task_weight=0.7",
                             "--param", "safety_weight=0.3", "--out", out, "--quiet"], capsys)
     assert code == 0, err
-    blended = {n for n, c in cos.items() if c < threshold}
-    assert 0 < len(blended) < len(cos)
+    blended = {n for n, c in cos.items() if r5(c) < threshold}  # strict, as SafeMERGE's code
+    assert middle not in blended and 0 < len(blended) < len(cos)
     for name, t in tensors(out).items():
         if name in blended:
             want = pre[name] + 0.7 * task[name] + 0.3 * safe[name]
@@ -161,7 +215,31 @@ def test_safemerge_blends_the_full_updates_below_the_threshold(tiny_pre, tiny_lo
     assert m["params"] == {"threshold": threshold, "task_weight": 0.7, "safety_weight": 0.3}
     assert set(m["safemerge"]["merged"]) == blended
     assert set(m["safemerge"]["cosines"]) == set(task)
+    for n, c in cos.items():
+        assert m["safemerge"]["cosines"][n] == pytest.approx(c, abs=1e-6)
+    assert m["safemerge"]["zero_alignment"] == []
     assert set(m["inputs"]) == {"pre", "post", "unaligned", "safety_adapter"}
+
+
+def test_safemerge_blends_a_layer_without_alignment_change(tiny_pre, tiny_lora, unaligned_zero_v,
+                                                          safety_adapter, tmp_path):
+    """SafeMERGE's code gives a zero V the projection C = 0, hence cosine 0 < threshold: the
+    layer is blended (its cosine is recorded as null)."""
+    import mergesafe
+
+    pre = tensors(tiny_pre)
+    task, safe = lora_deltas(tiny_lora, tiny_pre), lora_deltas(safety_adapter, tiny_pre)
+    out = mergesafe.merge(tiny_pre, tiny_lora, tmp_path / "sm", method="safemerge",
+                          params={"threshold": 0.0}, unaligned=unaligned_zero_v,
+                          safety_adapter=safety_adapter)
+    got = tensors(out)
+    for name in task:  # threshold 0: no cosine is below it, the zero-V layer is blended
+        want = (pre[name] + 0.8 * task[name] + 0.2 * safe[name] if name == ZERO_V
+                else pre[name] + task[name])
+        torch.testing.assert_close(got[name], want, **TOL, msg=name)
+    info = read_manifest(out)["safemerge"]
+    assert info["merged"] == [ZERO_V] and info["zero_alignment"] == [ZERO_V]
+    assert info["cosines"][ZERO_V] is None and len(info["cosines"]) == len(task)
 
 
 # ------------------------------------------------------------------ RESTA

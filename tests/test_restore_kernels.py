@@ -9,6 +9,9 @@ import torch
 
 from mergesafe.restore import (alignment_projector, ema_update_, lox_harden, projection_cosine,
                                resta, safe_lora_update, safemerge_update, select_layers)
+from mergesafe.restore.safe_lora import (alignment_matrix, lora_update_cosine, project_lora_update,
+                                         project_update, round_cosine, update_cosine)
+from mergesafe.restore.safemerge import blends
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -93,11 +96,12 @@ def test_cosine_of_mixed_update_matches_hand_value():
     assert projection_cosine(C, delta) == pytest.approx(1 / math.sqrt(2.0), abs=1e-6)
 
 
-def test_zero_inputs_give_zero_projector_and_cosine():
+def test_zero_inputs_give_zero_projector_and_no_cosine():
     w = torch.randn(4, 4, generator=_gen(11))
     C = alignment_projector(w, w.clone())
     assert C.abs().max().item() == 0.0
-    assert projection_cosine(C, torch.randn(4, 2, generator=_gen(12))) == 0.0
+    # a zero V has no C: the cosine is undefined (the reference's NaN), not 0
+    assert projection_cosine(C, torch.randn(4, 2, generator=_gen(12))) is None
     assert projection_cosine(torch.eye(4), torch.zeros(4, 2)) == 0.0
 
 
@@ -124,8 +128,9 @@ def test_select_layers_top_k_and_threshold():
     assert select_layers(cos, top_k=0) == set()
     assert select_layers(cos, top_k=100) == set(cos)
     assert select_layers(cos, top_k=None) == set(cos)
-    # threshold is strict and overrides top_k
-    assert select_layers(cos, top_k=1, threshold=0.5) == {"e", "b", "c"}
+    # threshold: cos <= threshold, as the reference; it overrides top_k
+    assert select_layers(cos, top_k=1, threshold=0.5) == {"e", "b", "c", "d"}
+    assert select_layers(cos, threshold=0.4999) == {"e", "b", "c"}
     assert select_layers(cos, threshold=0.0) == {"e"}
     # defaults: the 10 lowest
     many = {f"l{i:02d}": i / 20 for i in range(20)}
@@ -137,6 +142,98 @@ def test_select_layers_ties_broken_by_name():
     assert select_layers(cos, top_k=2) == {"x", "y"}
 
 
+def test_select_layers_rounds_to_five_decimals_then_compares_with_le():
+    # numpy.round(cos, 5) first: 0.500004 is 0.5 (selected at 0.5), 0.500006 is 0.50001 (not)
+    cos = {"a": 0.500004, "b": 0.500006, "c": 0.499996, "d": 0.5}
+    assert round_cosine(0.500004) == 0.5 and round_cosine(0.500006) == 0.50001
+    assert round_cosine(0.499996) == 0.5 and round_cosine(None) is None
+    assert select_layers(cos, threshold=0.5) == {"a", "c", "d"}
+    assert select_layers(cos, threshold=0.50001) == {"a", "b", "c", "d"}
+    assert select_layers(cos, threshold=0.49999) == set()
+    # top-k ranks the rounded cosines: a, c and d tie at 0.5 and are taken by name
+    assert select_layers(cos, top_k=2) == {"a", "c"}
+    assert select_layers({"x": 0.300001, "y": 0.3}, top_k=1) == {"x"}  # tie after rounding
+    assert select_layers({"x": 0.30001, "y": 0.3}, top_k=1) == {"y"}
+
+
+def test_select_layers_never_selects_a_zero_alignment_layer():
+    cos = {"zero": None, "nan": float("nan"), "a": 0.9, "b": 0.2}
+    assert select_layers(cos, top_k=1) == {"b"}
+    assert select_layers(cos, top_k=10) == {"a", "b"}
+    assert select_layers(cos, top_k=None) == {"a", "b"}
+    assert select_layers(cos, threshold=1.0) == {"a", "b"}
+
+
+def _explicit(v: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """C·ΔW with C = V Vᵀ/‖V‖_F formed explicitly (float64), and the cosine of the two."""
+    v, d = v.double(), delta.double()
+    cd = (v @ v.T / torch.linalg.matrix_norm(v)) @ d
+    return cd, float((cd * d).sum() / (cd.norm() * d.norm()))
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (5, 7), (6, 6)])
+def test_projection_without_c_equals_the_explicit_formula(shape):
+    out, inn = shape
+    w_u = torch.randn(out, inn, generator=_gen(70))
+    w_a = w_u + 0.3 * torch.randn(out, inn, generator=_gen(71))
+    v = alignment_matrix(w_a, w_u)
+    torch.testing.assert_close(v, w_a - w_u)
+    delta = torch.randn(out, inn, generator=_gen(72))
+    want, want_cos = _explicit(v, delta)
+    got = project_update(v, delta)
+    assert got.dtype == torch.float32 and got.shape == (out, inn)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+    assert update_cosine(v, delta) == pytest.approx(want_cos, abs=1e-12)
+    # the explicit-C forms agree
+    C = alignment_projector(w_a, w_u)
+    torch.testing.assert_close(safe_lora_update(delta, C, project=True), got, rtol=1e-4, atol=1e-5)
+    assert projection_cosine(C, delta) == pytest.approx(want_cos, abs=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(9, 6), (6, 9)])
+def test_lora_projection_and_cosine_from_the_factors(shape):
+    out, inn = shape
+    r, scale = 3, 2.5
+    v = torch.randn(out, inn, generator=_gen(80))
+    b = torch.randn(out, r, generator=_gen(81))
+    a = torch.randn(r, inn, generator=_gen(82))
+    delta = scale * (b.double() @ a.double())
+    want, want_cos = _explicit(v, delta)
+    got = project_lora_update(v, b, a, scale)
+    assert got.dtype == torch.float32 and got.shape == (out, inn)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+    cos = lora_update_cosine(v, b, a)
+    assert cos == pytest.approx(want_cos, abs=1e-12)
+    assert cos == pytest.approx(update_cosine(v, delta.float()), abs=1e-6)  # scale-free
+    # B in the column space of a rank-1 V → cos 1; B orthogonal to it → cos 0, C·ΔW = 0
+    u = _orthonormal(out, 2, seed=83)
+    v1 = u[:, :1] @ torch.randn(1, inn, generator=_gen(84))
+    assert lora_update_cosine(v1, u[:, :1] @ torch.randn(1, r, generator=_gen(85)), a) == \
+        pytest.approx(1.0, abs=1e-9)
+    b_orth = u[:, 1:] @ torch.randn(1, r, generator=_gen(86))
+    assert lora_update_cosine(v1, b_orth, a) == 0.0
+    assert project_lora_update(v1, b_orth, a).abs().max().item() < 1e-6
+    with pytest.raises(ValueError):
+        project_lora_update(v, b, a[:, :-1])
+
+
+def test_zero_alignment_matrix_has_no_cosine_and_is_never_projected():
+    w = torch.randn(5, 4, generator=_gen(90))
+    v = alignment_matrix(w, w.clone())
+    assert update_cosine(v, torch.randn(5, 4, generator=_gen(91))) is None
+    assert lora_update_cosine(v, torch.randn(5, 2, generator=_gen(92)),
+                              torch.randn(2, 4, generator=_gen(93))) is None
+    with pytest.raises(ValueError, match="never projected"):
+        project_update(v, torch.randn(5, 4, generator=_gen(94)))
+    with pytest.raises(ValueError, match="never projected"):
+        project_lora_update(v, torch.ones(5, 2), torch.ones(2, 4))
+    # a zero update against a non-zero V: cosine 0 (as torch's cosine_similarity of a zero vector)
+    assert update_cosine(torch.ones(5, 4), torch.zeros(5, 4)) == 0.0
+    # with the cosines of a layer stack, the zero-V layer is not among the 2 lowest
+    cosines = {"l0": update_cosine(v, torch.randn(5, 4, generator=_gen(95))), "l1": 0.7, "l2": 0.9}
+    assert select_layers(cosines, top_k=2) == {"l1", "l2"}
+
+
 # ---------------------------------------------------------------- SafeMERGE
 
 def test_safemerge_blends_only_below_threshold():
@@ -145,6 +242,13 @@ def test_safemerge_blends_only_below_threshold():
     blended = safemerge_update(task, safe, cosine=0.2)
     torch.testing.assert_close(blended, 0.8 * task + 0.2 * safe)
     assert torch.equal(safemerge_update(task, safe, cosine=0.35), task)  # not below
+    # the cosine is rounded to 5 decimals first (SafeMERGE's code), then compared with <
+    assert torch.equal(safemerge_update(task, safe, cosine=0.349996), task)  # 0.35: not below
+    torch.testing.assert_close(safemerge_update(task, safe, cosine=0.349994), 0.8 * task + 0.2 * safe)
+    assert blends(0.349994) and not blends(0.349996) and not blends(0.35)
+    # a zero alignment matrix (cosine None): SafeMERGE's code has C = 0, cosine 0 → blended
+    assert blends(None) and not blends(float("nan"))
+    torch.testing.assert_close(safemerge_update(task, safe, cosine=None), 0.8 * task + 0.2 * safe)
     assert torch.equal(safemerge_update(task, safe, cosine=0.9), task)
     assert torch.equal(safemerge_update(task, safe, cosine=float("nan")), task)
     custom = safemerge_update(task, safe, cosine=0.6, threshold=0.7, w_task=0.5, w_safe=0.5)

@@ -27,7 +27,7 @@ from mergesafe.merge import methods as M
 MISSING: Any = object()
 
 
-def _unit_open_closed(v: float) -> str | None:
+def unit_open_closed(v: float) -> str | None:
     return None if 0 < v <= 1 else "must be in (0, 1]"
 
 
@@ -127,7 +127,7 @@ class MethodSpec:
 def _gta_params(*, normalize: bool, rescale: bool, gamma: bool = False,
                 epsilon: bool = False) -> tuple[ParamSpec, ...]:
     ps = [
-        ParamSpec("density", float, 1.0, "model", check=_unit_open_closed,
+        ParamSpec("density", float, 1.0, "model", check=unit_open_closed,
                   help="fraction of the task vector kept, in (0, 1]"),
         ParamSpec("normalize", bool, normalize, help="divide by the sum of the (agreeing) weights"),
         ParamSpec("rescale", bool, rescale, help="rescale kept entries to the task vector's norm"),
@@ -193,10 +193,32 @@ def get_method(name: str) -> MethodSpec:
         raise UserError(f"unknown merge method {name!r}; choose one of: {', '.join(METHODS)}") from None
 
 
-def check_della(method: str, density: float, epsilon: float) -> None:
+def check_della(method: str, density: float, epsilon: float, model: int | None = None) -> None:
+    """DELLA's keep probabilities ``density ± epsilon`` must lie in (0, 1) -- for one post model.
+
+    As mergekit 0.1.5's ``della_magprune`` (which checks each post model's own ``density`` and
+    ``epsilon``): nothing is checked when ``density >= 1`` (the task vector is kept whole).
+    ``model`` (0-based) names the post model in the message.
+    """
     if density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
-        raise UserError(f"{method}: density ± epsilon must lie in (0, 1) (density={density}, "
+        which = f" for post model {model + 1}" if model is not None else ""
+        raise UserError(f"{method}: density ± epsilon must lie in (0, 1){which} (density={density}, "
                         f"epsilon={epsilon}); lower epsilon")
+
+
+def check_della_params(method: str, density: float | list[float],
+                       epsilon: float | list[float]) -> None:
+    """:func:`check_della` per post model: ``density[i]`` with ``epsilon[i]``, a scalar standing
+    for every model.  Two lists of different lengths are refused (one value per post model)."""
+    d_list, e_list = isinstance(density, list), isinstance(epsilon, list)
+    if d_list and e_list and len(density) != len(epsilon):
+        raise UserError(f"{method}: {len(density)} density values but {len(epsilon)} epsilon "
+                        "values; give one value per post model (or one for all)")
+    n = len(density) if d_list else len(epsilon) if e_list else 1
+    dens = density if d_list else [density] * n
+    eps = epsilon if e_list else [epsilon] * n
+    for i, (d, e) in enumerate(zip(dens, eps)):
+        check_della(method, d, e, i if (d_list or e_list) else None)
 
 
 def validate_params(method: str, params: dict | None) -> dict:
@@ -204,7 +226,8 @@ def validate_params(method: str, params: dict | None) -> dict:
 
     Per-model parameters may be a scalar or a list (one value per post model).  Raises
     :class:`UserError` for an unknown method or parameter, a bad value or a value out of range
-    (e.g. ``density`` outside (0, 1]).
+    (e.g. ``density`` outside (0, 1]; DELLA's ``density ± epsilon`` outside (0, 1), checked per
+    post model as mergekit does).
     """
     spec = get_method(method)
     params = dict(params or {})
@@ -231,9 +254,5 @@ def validate_params(method: str, params: dict | None) -> dict:
                 raise UserError(f"method {method} needs parameter {p.name!r}")
             out[p.name] = p.default
     if "epsilon" in out:
-        dens = out["density"] if isinstance(out["density"], list) else [out["density"]]
-        eps = out["epsilon"] if isinstance(out["epsilon"], list) else [out["epsilon"]]
-        for d in dens:
-            for e in eps:
-                check_della(method, d, e)
+        check_della_params(method, out["density"], out["epsilon"])
     return out

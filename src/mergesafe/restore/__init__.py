@@ -15,9 +15,11 @@ them over whole checkpoints (``mergesafe merge --method safe_lora|safemerge|rest
 from mergesafe.restore.ema import ema_update_
 from mergesafe.restore.lox import lox_harden
 from mergesafe.restore.resta import resta
-from mergesafe.restore.safe_lora import (alignment_projector, projection_cosine, safe_lora_update,
-                                         select_layers)
+from mergesafe.restore.safe_lora import (alignment_matrix, alignment_projector, lora_update_cosine,
+                                         project_lora_update, project_update, projection_cosine,
+                                         safe_lora_update, select_layers, update_cosine)
 from mergesafe.restore.safemerge import safemerge_update
 
-__all__ = ["alignment_projector", "ema_update_", "lox_harden", "projection_cosine", "resta",
-           "safe_lora_update", "safemerge_update", "select_layers"]
+__all__ = ["alignment_matrix", "alignment_projector", "ema_update_", "lox_harden",
+           "lora_update_cosine", "project_lora_update", "project_update", "projection_cosine",
+           "resta", "safe_lora_update", "safemerge_update", "select_layers", "update_cosine"]

@@ -2,7 +2,7 @@
 
 ``restore_merge(pre, post, out, method, ...)`` runs Safe LoRA, SafeMERGE or RESTA (the kernels
 of :mod:`mergesafe.restore`) through the merge engine's streaming machinery
-(:func:`mergesafe.merge.stream.execute`: lazy readers, :class:`StreamingShardWriter`, an atomic
+(:func:`mergesafe.stream.execute`: lazy readers, :class:`StreamingShardWriter`, an atomic
 output folder, a ``mergesafe.json`` manifest).  ``mergesafe.merge(..., method="safe_lora")``
 and ``mergesafe merge --method safe_lora`` call it.
 
@@ -14,11 +14,13 @@ embedding / LM head (``C_i`` would be ``vocab × vocab`` there) whose task updat
 
 * **Safe LoRA** (Hsu et al. 2024), two streaming passes: pass 1 computes ``cos_i`` per layer
   (one layer's pre, unaligned and ΔW in memory at a time); :func:`select_layers` picks the
-  top-k lowest (or those under a threshold); pass 2 writes ``pre + C_i·ΔW_i`` for the selected
+  top-k lowest (or those at or under a threshold, cosines rounded to 5 decimals, as the IBM
+  reference does; a layer whose alignment matrix is zero is never projected); pass 2 writes
+  ``pre + C_i·ΔW_i`` (computed as ``V(VᵀΔW)/‖V‖_F``, never forming ``C``) for the selected
   layers and ``pre + ΔW_i`` for the others.  The manifest records every cosine and the
   selected set.
 * **SafeMERGE** (Djuhera et al. 2025), one pass: ``pre + w_task·ΔW_task + w_safe·ΔW_safe`` for
-  the layers with ``cos_i < threshold``, ``pre + ΔW_task`` elsewhere; the full updates are
+  the layers with ``round(cos_i, 5) < threshold``, ``pre + ΔW_task`` elsewhere; the full updates are
   blended (see :mod:`mergesafe.restore.safemerge`).  A safety update on a tensor the task does
   not change is not used.  Manifest: cosines and the blended set.
 * **RESTA** (Bhardwaj et al. 2024), one pass over every floating tensor:
@@ -35,17 +37,19 @@ from typing import Any
 
 import torch
 
-from mergesafe.checkpoint import (AdapterView, check_output_dir, is_adapter_dir, open_checkpoint,
-                                  parse_size)
+from mergesafe.checkpoint import AdapterView, check_output_dir, parse_size
+from mergesafe.checkpoint.inputs import check_not_input, open_model, open_model_or_adapter
+from mergesafe.checkpoint.vocab import is_vocab_tensor
 from mergesafe.errors import UserError
-from mergesafe.merge.engine import is_vocab_tensor, tensor_seed
-from mergesafe.merge.stream import (Source, StreamPlan, check_architectures, execute, parse_dtype,
-                                    plan_outputs, tokenizer_folder)
+from mergesafe.merge.engine import tensor_seed
+from mergesafe.stream import (Source, StreamPlan, check_architectures, execute, parse_dtype,
+                              plan_outputs, tokenizer_folder)
 from mergesafe.restore.params import RESTORE_METHODS, validate_restore_params
 from mergesafe.restore.resta import resta as resta_kernel
-from mergesafe.restore.safe_lora import (alignment_projector, projection_cosine, safe_lora_update,
-                                         select_layers)
-from mergesafe.restore.safemerge import safemerge_update
+from mergesafe.restore.safe_lora import (COSINE_DECIMALS, alignment_matrix, lora_update_cosine,
+                                         project_lora_update, project_update, select_layers,
+                                         update_cosine)
+from mergesafe.restore.safemerge import blends, safemerge_update
 
 PathLike = str | Path
 DEFAULT_SHARD_SIZE = "5GB"
@@ -85,29 +89,6 @@ class OnDemand:
     def read(self, name: str) -> torch.Tensor:
         """The real tensor, as float32."""
         return self.inner.get(name).float()
-
-
-def _exists(path: PathLike, flag: str) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise UserError(f"no such file or folder (given as {flag})", p)
-    return p
-
-
-def open_full_model(path: PathLike, flag: str, allow_pickle: bool = False):
-    """A full model folder (not an adapter) given as ``flag``."""
-    p = _exists(path, flag)
-    if is_adapter_dir(p):
-        raise UserError(f"{flag} must be a full model folder, not a PEFT adapter", p)
-    return open_checkpoint(p, allow_pickle=allow_pickle)
-
-
-def open_model_or_adapter(path: PathLike, pre_ck, flag: str, allow_pickle: bool = False):
-    """A full model, or a PEFT LoRA adapter of pre seen as full weights."""
-    from mergesafe.merge.api import _open_post
-
-    _exists(path, flag)
-    return _open_post(path, pre_ck, allow_pickle)
 
 
 def validate_inputs(reference: Source, sources: list[Source], out_dtype: torch.dtype | None,
@@ -153,16 +134,6 @@ def _might_change(ckpt: Any, name: str) -> bool:
     return True
 
 
-def _common_checks(out: PathLike, inputs: list[PathLike | None], tokenizer_from: str) -> Path:
-    from mergesafe.merge.api import _check_not_input
-
-    if tokenizer_from not in ("pre", "post"):
-        raise UserError(f"tokenizer_from must be 'pre' or 'post', got {tokenizer_from!r}")
-    out = Path(out).expanduser()
-    _check_not_input(out, [Path(p) for p in inputs if p is not None])
-    return out
-
-
 def _tokenizer_src(tokenizer_from: str, pre_src: Source, post_src: Source) -> Path | None:
     if tokenizer_from == "post":
         return tokenizer_folder(post_src, pre_src)
@@ -179,7 +150,7 @@ def restore_merge(pre: PathLike, post: PathLike, out: PathLike, method: str,
                   seed: int = 0, dtype: str | torch.dtype | None = None,
                   shard_size: str | int = DEFAULT_SHARD_SIZE, tokenizer_from: str = "post",
                   overwrite: bool = False, allow_pickle: bool = False,
-                  progress: bool = False) -> Path:
+                  progress: bool = False, allow_nonfinite: bool = False) -> Path:
     """Run ``method`` (``safe_lora``, ``safemerge`` or ``resta``) on pre/post into ``out``.
 
     Extra inputs: ``unaligned`` (safe_lora, safemerge: the model before safety alignment),
@@ -205,22 +176,24 @@ def restore_merge(pre: PathLike, post: PathLike, out: PathLike, method: str,
                                     ("safemerge", "safety_adapter"), ("resta", "harmful"))
                      if n == key]
             raise UserError(f"{flag} is not used by {method} (only by {' and '.join(users)})")
+    if tokenizer_from not in ("pre", "post"):
+        raise UserError(f"tokenizer_from must be 'pre' or 'post', got {tokenizer_from!r}")
     out_dtype = parse_dtype(dtype)
     size = parse_size(shard_size)
-    out = _common_checks(out, [pre, post, unaligned, safety_adapter, harmful], tokenizer_from)
-    check_output_dir(out, overwrite)
+    check_not_input(out, [pre, post, unaligned, safety_adapter, harmful])
+    out = check_output_dir(out, overwrite)
 
-    pre_ck = open_checkpoint(_exists(pre, "--pre"), allow_pickle=allow_pickle)
+    pre_ck = open_model(pre, "--pre", allow_pickle)
     pre_src = Source("pre", pre_ck, "pre")
     post_src = Source("post", open_model_or_adapter(post, pre_ck, "--post", allow_pickle), "post")
     common = dict(out=out, out_dtype=out_dtype, size=size, tokenizer_from=tokenizer_from,
-                  overwrite=overwrite, progress=progress)
+                  overwrite=overwrite, progress=progress, allow_nonfinite=allow_nonfinite)
     if method == "safe_lora":
-        u_src = Source("unaligned", OnDemand(open_full_model(unaligned, "--unaligned", allow_pickle)),
+        u_src = Source("unaligned", OnDemand(open_model(unaligned, "--unaligned", allow_pickle)),
                        "unaligned")
         return _safe_lora(pre_src, post_src, u_src, p, **common)
     if method == "safemerge":
-        u_src = Source("unaligned", OnDemand(open_full_model(unaligned, "--unaligned", allow_pickle)),
+        u_src = Source("unaligned", OnDemand(open_model(unaligned, "--unaligned", allow_pickle)),
                        "unaligned")
         s_src = Source("safety", OnDemand(open_model_or_adapter(safety_adapter, pre_ck,
                                                                 "--safety-adapter", allow_pickle)),
@@ -233,13 +206,14 @@ def restore_merge(pre: PathLike, post: PathLike, out: PathLike, method: str,
 
 def _execute(kind: str, pre_src: Source, post_src: Source, sources: list[Source], compute,
              manifest: dict, *, out: Path, out_dtype, size: int, tokenizer_from: str,
-             overwrite: bool, progress: bool, elementwise: bool = False) -> Path:
+             overwrite: bool, progress: bool, allow_nonfinite: bool,
+             elementwise: bool = False) -> Path:
     tok = _tokenizer_src(tokenizer_from, pre_src, post_src)
     primary = post_src if tokenizer_from == "post" else pre_src
     plan = StreamPlan(kind=kind, reference=pre_src, sources=sources, compute=compute,
                       out_dtype=out_dtype, tokenizer_src=tok,
                       generation_src=[primary.dir, pre_src.dir], manifest=manifest,
-                      elementwise=elementwise)
+                      elementwise=elementwise, allow_nonfinite=allow_nonfinite)
     return execute(plan, out, overwrite=overwrite, shard_size=size, progress=progress)
 
 
@@ -247,19 +221,48 @@ def _execute(kind: str, pre_src: Source, post_src: Source, sources: list[Source]
 # Safe LoRA: two passes
 # ---------------------------------------------------------------------------------------------
 
-def safe_lora_cosines(pre_ck: Any, post_ck: Any, u_ck: OnDemand) -> dict[str, float]:
-    """Pass 1: ``cos_i`` for every layer with a non-zero update, one layer in memory at a time."""
-    cosines: dict[str, float] = {}
+def _lora_factors(ckpt: Any, name: str) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """``(B, A, scale)`` with ``ΔW = scale·B·A`` (float32) for a LoRA target of an adapter, else
+    ``None``.  For ``fan_in_fan_out`` / embedding LoRA (``ΔW = scale·(B·A)ᵀ``) the factors are
+    returned as ``(Aᵀ, Bᵀ)``, so that ``ΔW = scale·B'·A'`` as :meth:`AdapterView.delta` gives."""
+    ck = _unwrap(ckpt)
+    lm = getattr(ck, "lora_modules", {}).get(name)
+    if lm is None:
+        return None
+    a, b = ck.raw(lm.a_key).float(), ck.raw(lm.b_key).float()
+    return (a.T, b.T, lm.scale) if lm.transpose else (b, a, lm.scale)
+
+
+_NOT_A_LAYER = object()
+
+
+def _layer_cosine(post_ck: Any, u_ck: OnDemand, name: str, pre_t: torch.Tensor,
+                  post_t: torch.Tensor | None = None) -> Any:
+    """Safe LoRA's ``cos_i`` of one layer (``None``: zero alignment matrix ``V``), computed
+    without forming ``C`` -- for a LoRA post from the factors, without forming ``ΔW`` either;
+    ``_NOT_A_LAYER`` when the update is zero."""
+    factors = _lora_factors(post_ck, name)
+    if factors is not None:
+        b, a, scale = factors
+        if scale == 0 or not torch.any(b) or not torch.any(a):
+            return _NOT_A_LAYER
+        return lora_update_cosine(alignment_matrix(pre_t, u_ck.read(name)), b, a)
+    delta = update_of(post_ck, name, pre_t, post_t)
+    if not torch.any(delta):
+        return _NOT_A_LAYER
+    return update_cosine(alignment_matrix(pre_t, u_ck.read(name)), delta)
+
+
+def safe_lora_cosines(pre_ck: Any, post_ck: Any, u_ck: OnDemand) -> dict[str, float | None]:
+    """Pass 1: ``cos_i`` for every layer with a non-zero update, one layer in memory at a time;
+    ``None`` for a layer whose alignment matrix ``V_i`` is zero (never selected)."""
+    cosines: dict[str, float | None] = {}
     for name in pre_ck.names():
         if not is_layer_tensor(pre_ck, name) or not _might_change(post_ck, name):
             continue
-        pre_t = pre_ck.get(name).float()
-        delta = update_of(post_ck, name, pre_t)
-        if not torch.any(delta):
-            continue
-        C = alignment_projector(pre_t, u_ck.read(name))
-        cosines[name] = projection_cosine(C, delta)
-        del C, delta, pre_t
+        cos = _layer_cosine(post_ck, u_ck, name, pre_ck.get(name).float())
+        if cos is not _NOT_A_LAYER:
+            cosines[name] = cos
     return cosines
 
 
@@ -277,18 +280,25 @@ def _safe_lora(pre_src: Source, post_src: Source, u_src: Source, p: dict, **comm
         if name not in selected:
             return loaded["post"]  # pre + ΔW
         pre_t = loaded["pre"]
-        delta = update_of(post_src.ckpt, name, pre_t, loaded["post"])
-        C = alignment_projector(pre_t, u_ck.read(name))
-        return pre_t + safe_lora_update(delta, C, project=True)
+        v = alignment_matrix(pre_t, u_ck.read(name))  # non-zero: a zero V is never selected
+        factors = _lora_factors(post_src.ckpt, name)
+        if factors is not None:
+            return pre_t + project_lora_update(v, *factors)  # C·(scale·B·A), from the factors
+        return pre_t + project_update(v, update_of(post_src.ckpt, name, pre_t, loaded["post"]))
 
     selection = ({"threshold": p["threshold"]} if p["threshold"] is not None
                  else {"top_k": p["top_k"]})
     manifest = {
         "method": "safe_lora", "params": p,
-        "reference": "Hsu et al. 2024, Safe LoRA (NeurIPS 2024)",
+        "reference": "Hsu et al. 2024, Safe LoRA (NeurIPS 2024); code: github.com/IBM/SafeLoRA",
         "inputs": {"pre": pre_src, "post": post_src, "unaligned": u_src},
         "safe_lora": {"selection": selection, "cosines": cosines,
-                      "selected": sorted(selected), "layers": len(cosines)},
+                      "selected_on": f"cosines rounded to {COSINE_DECIMALS} decimals"
+                                     + (", cos <= threshold" if p["threshold"] is not None
+                                        else ", the lowest (ties: by name)"),
+                      "selected": sorted(selected), "layers": len(cosines),
+                      # V = W_pre − W_unaligned is zero: no C, cosine null, never projected
+                      "zero_alignment": sorted(n for n, c in cosines.items() if c is None)},
     }
     return _execute("merge", pre_src, post_src, sources, compute, manifest, **common)
 
@@ -303,24 +313,25 @@ def _safemerge(pre_src: Source, post_src: Source, u_src: Source, s_src: Source, 
     validate_inputs(pre_src, sources, common["out_dtype"], "safemerge")
     u_ck: OnDemand = u_src.ckpt
     s_ck: OnDemand = s_src.ckpt
-    cosines: dict[str, float] = {}
+    cosines: dict[str, float | None] = {}
     merged: list[str] = []
+    zero_alignment: list[str] = []
 
     def compute(name: str, loaded: dict[str, torch.Tensor]) -> torch.Tensor:
         post_t = loaded["post"]
         if not is_layer_tensor(pre_src.ckpt, name) or not _might_change(post_src.ckpt, name):
             return post_t
         pre_t = loaded["pre"]
-        delta = update_of(post_src.ckpt, name, pre_t, post_t)
-        if not torch.any(delta):
+        cos = _layer_cosine(post_src.ckpt, u_ck, name, pre_t, post_t)  # Safe LoRA's, no C formed
+        if cos is _NOT_A_LAYER:
             return post_t
-        C = alignment_projector(pre_t, u_ck.read(name))
-        cos = projection_cosine(C, delta)
-        del C
         cosines[name] = cos
-        if not cos < p["threshold"]:
+        if cos is None:
+            zero_alignment.append(name)
+        if not blends(cos, p["threshold"]):
             return post_t  # pre + ΔW_task
         merged.append(name)
+        delta = update_of(post_src.ckpt, name, pre_t, post_t)
         d_safe = (update_of(s_ck, name, pre_t) if _might_change(s_ck, name)
                   else torch.zeros_like(delta))
         return pre_t + safemerge_update(delta, d_safe, cos, p["threshold"], p["task_weight"],
@@ -328,11 +339,14 @@ def _safemerge(pre_src: Source, post_src: Source, u_src: Source, s_src: Source, 
 
     manifest = {
         "method": "safemerge", "params": p,
-        "reference": "Djuhera et al. 2025, SafeMERGE",
+        "reference": "Djuhera et al. 2025, SafeMERGE; code: github.com/aladinD/SafeMERGE",
         "merge_of": "full updates w_task·ΔW_task + w_safe·ΔW_safe (not PEFT's A/B averaging)",
         "inputs": {"pre": pre_src, "post": post_src, "unaligned": u_src, "safety_adapter": s_src},
         # filled while streaming (the manifest is written after the last tensor)
-        "safemerge": {"cosines": cosines, "merged": merged},
+        "safemerge": {"cosines": cosines, "merged": merged,
+                      "merged_on": "cosines rounded to 5 decimals, cos < threshold; a zero V "
+                                   "(cosine null) is merged, as SafeMERGE's code (C = 0) does",
+                      "zero_alignment": zero_alignment},
     }
     return _execute("merge", pre_src, post_src, sources, compute, manifest, **common)
 

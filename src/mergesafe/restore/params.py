@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from mergesafe.errors import UserError
-from mergesafe.merge.registry import ParamSpec, _unit_open_closed
+from mergesafe.merge.registry import ParamSpec, unit_open_closed
 from mergesafe.restore.resta import DEFAULT_GAMMA
 from mergesafe.restore.safe_lora import DEFAULT_TOP_K
 from mergesafe.restore.safemerge import DEFAULT_THRESHOLD, DEFAULT_W_SAFE, DEFAULT_W_TASK
@@ -30,7 +30,7 @@ PARAMS: dict[str, tuple[ParamSpec, ...]] = {
         ParamSpec("top_k", int, DEFAULT_TOP_K, check=_non_negative,
                   help="project the k layers of lowest cosine (default 10)"),
         ParamSpec("threshold", float, None,
-                  help="instead: project the layers with cosine < threshold (paper: 0.5)"),
+                  help="instead: project the layers with cosine <= threshold, rounded to 5 decimals (paper: 0.5)"),
     ),
     "safemerge": (
         ParamSpec("threshold", float, DEFAULT_THRESHOLD,
@@ -43,7 +43,7 @@ PARAMS: dict[str, tuple[ParamSpec, ...]] = {
     "resta": (
         ParamSpec("gamma", float, DEFAULT_GAMMA,
                   help="weight γ of the safety vector pre − harmful (default 0.5)"),
-        ParamSpec("density", float, None, check=_unit_open_closed,
+        ParamSpec("density", float, None, check=unit_open_closed,
                   help="DARE on the task vector: fraction kept, in (0, 1] (default: no DARE)"),
     ),
 }
