@@ -30,11 +30,13 @@ def resolved(path: PathLike) -> Path:
         raise UserError(f"cannot resolve the path: {err}", path) from None
 
 
-def check_not_input(out: PathLike, inputs: Iterable[PathLike | None]) -> None:
+def check_not_input(out: PathLike, inputs: Iterable[PathLike | None], *,
+                    may_contain: bool = False) -> None:
     """Refuse an output that is, contains, or lies inside one of the ``inputs`` (resolved paths).
 
     ``--out p2/../p1``, a symlinked parent, or ``--out p1/sub`` all reach p1: writing there
-    (or replacing it with ``--overwrite``) would modify an input.
+    (or replacing it with ``--overwrite``) would modify an input.  ``may_contain``: the command
+    only adds files to OUT and never replaces it (``sweep``), so OUT may hold an input.
     """
     o = resolved(out)
     for p in inputs:
@@ -43,7 +45,7 @@ def check_not_input(out: PathLike, inputs: Iterable[PathLike | None]) -> None:
         r = resolved(p)
         if o == r:
             raise UserError(f"the output is the input folder {p} (inputs are never modified)", out)
-        if r.is_relative_to(o):
+        if r.is_relative_to(o) and not may_contain:
             raise UserError(f"the output folder contains the input {p} (inputs are never "
                             "modified)", out)
         if o.is_relative_to(r) and r.is_dir():

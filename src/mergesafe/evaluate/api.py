@@ -36,7 +36,7 @@ from mergesafe.evaluate.judges.keyword import is_refusal
 from mergesafe.evaluate.judges.registry import check_judge_spec, load_judge
 from mergesafe.evaluate.metrics import over_refusal_metrics, safety_metrics, task_metrics
 from mergesafe.evaluate.output import check_out, sha256_path, write_eval_dir
-from mergesafe.evaluate.prompts import PromptSet, load_prompt_file, safe_rows_only, select_rows
+from mergesafe.evaluate.prompts import PromptSet, load_prompt_file
 from mergesafe.evaluate.scorers.registry import get_scorer
 
 Generator = Callable[[Sequence[str], Callable[[int], None] | None], list[str]]
@@ -66,21 +66,23 @@ def load_eval_sets(config: EvalConfig) -> EvalSets:
         raise UserError("nothing to evaluate: give at least one --safety, --over-refusal or --task set")
     if isinstance(config.judge, str):
         check_judge_spec(config.judge)
-    common = dict(prompt_column=config.prompt_column, category_column=config.category_column)
+    # limit/sample are applied while reading: `--limit 5` reads five rows of a big file
+    common = dict(prompt_column=config.prompt_column, category_column=config.category_column,
+                  limit=config.limit, sample=config.sample, seed=config.seed)
     sets = EvalSets()
     for path in config.safety:
         rows = load_prompt_file(path, **common)
-        sets.safety.append(PromptSet(Path(path).stem, Path(path), "safety", _select(rows, config)))
+        sets.safety.append(PromptSet(Path(path).stem, Path(path), "safety", rows))
     for path in config.over_refusal:
-        rows = safe_rows_only(load_prompt_file(path, **common))
+        rows = load_prompt_file(path, safe_only=True, **common)
         if not rows:
             raise UserError("no benign rows: the label column has no 'safe' row", path=path)
-        sets.over_refusal.append(PromptSet(Path(path).stem, Path(path), "over_refusal", _select(rows, config)))
+        sets.over_refusal.append(PromptSet(Path(path).stem, Path(path), "over_refusal", rows))
     for path, scorer in config.task:
         get_scorer(scorer, path=path)
         rows = load_prompt_file(path, reference_column=config.reference_column, require_reference=True,
                                 **common)
-        sets.task.append(PromptSet(Path(path).stem, Path(path), "task", _select(rows, config), scorer=scorer))
+        sets.task.append(PromptSet(Path(path).stem, Path(path), "task", rows, scorer=scorer))
     for kind in ("safety", "over_refusal", "task"):
         seen: dict[str, Path] = {}
         for s in getattr(sets, kind):
@@ -89,10 +91,6 @@ def load_eval_sets(config: EvalConfig) -> EvalSets:
                                 f"(also {seen[s.name]}); set names are file stems", path=s.path)
             seen[s.name] = s.path
     return sets
-
-
-def _select(rows, config: EvalConfig):
-    return select_rows(rows, limit=config.limit, sample=config.sample, seed=config.seed)
 
 
 # --------------------------------------------------------------------------- progress

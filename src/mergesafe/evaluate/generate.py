@@ -18,6 +18,11 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from mergesafe.checkpoint.chat_template import (
+    chat_template_source,
+    check_chat_template,
+    describe_template_error,
+)
 from mergesafe.errors import UserError
 
 Progress = Callable[[int], None]
@@ -29,12 +34,18 @@ def chat_texts(tokenizer, prompts: Sequence[str], system_prompt: str | None = No
     A template that rejects the system role gets the system prompt in front of the user turn;
     a tokenizer without a chat template gets the prompt as plain text (after its BOS token, if any;
     texts are tokenized without adding special tokens, since chat templates write their own).
+
+    The template is first rendered on a probe conversation under time and memory bounds
+    (:func:`mergesafe.checkpoint.chat_template.check_chat_template`, once per template); a template
+    that fails there or on a prompt is a `UserError` naming the tokenizer's template file.
     """
     if not getattr(tokenizer, "chat_template", None):
         prefix = (tokenizer.bos_token or "") + (f"{system_prompt}\n\n" if system_prompt else "")
         return [prefix + p for p in prompts]
+    source = chat_template_source(tokenizer)
+    check_chat_template(tokenizer, source)
     out = []
-    for p in prompts:
+    for i, p in enumerate(prompts, start=1):
         messages = [{"role": "user", "content": p}]
         if system_prompt:
             try:
@@ -44,7 +55,11 @@ def chat_texts(tokenizer, prompts: Sequence[str], system_prompt: str | None = No
                 continue
             except Exception:  # e.g. Gemma: "System role not supported"
                 messages = [{"role": "user", "content": f"{system_prompt}\n\n{p}"}]
-        out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        try:
+            out.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+        except Exception as err:  # noqa: BLE001 - a template that rejects this prompt
+            raise UserError(f"prompt {i} of {len(prompts)}: the chat template cannot render it "
+                            f"({describe_template_error(err)})", path=source) from None
     return out
 
 

@@ -10,9 +10,12 @@ the `safe` rows.  Every problem is a `UserError` naming the file (and line, wher
 
 from __future__ import annotations
 
+import codecs
 import csv
+import itertools
 import json
 import random
+import reprlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,15 @@ CATEGORY_COLUMNS = ("category", "semanticcategory", "semantic_category", "type")
 REFERENCE_COLUMNS = ("answer", "reference", "target", "label", "output", "solution", "gold",
                      "correct_answer")
 LABEL_COLUMN = "label"
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxlevel = 40, 40, 12, 2
+
+
+def _short(value: Any, limit: int = 160) -> str:
+    """A repr of user data (a column name, the list of columns) for a message, cut short."""
+    text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -52,9 +64,26 @@ class PromptSet:
 
 # --------------------------------------------------------------------------- readers
 
+MAX_LINE_CHARS = 16 << 20  # one line of a CSV/TSV/JSONL/TXT file
+MAX_JSON_BYTES = 512 << 20  # a .json file is parsed whole; JSON Lines are streamed
+
+
+def _lines(fh, path: Path) -> Iterator[str]:
+    """The lines of a text file, each read with a bound (a longer line is refused, not read)."""
+    lineno = 0
+    while True:
+        line = fh.readline(MAX_LINE_CHARS + 1)
+        if not line:
+            return
+        lineno += 1
+        if len(line) > MAX_LINE_CHARS:
+            raise UserError(f"line {lineno}: longer than {MAX_LINE_CHARS} characters", path=path)
+        yield line
+
+
 def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
     with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.reader(fh, delimiter=delimiter)
+        reader = csv.reader(_lines(fh, path), delimiter=delimiter)
         try:
             header = next(reader)
         except StopIteration:
@@ -63,7 +92,7 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]
             raise UserError(f"line 1: malformed CSV ({err})", path=path) from None
         header = [h.strip() for h in header]
         if len(set(header)) != len(header):
-            raise UserError(f"duplicate column names in header {header}", path=path)
+            raise UserError(f"duplicate column names in header {_short(header)}", path=path)
         while True:
             try:
                 values = next(reader)
@@ -89,21 +118,30 @@ def _as_record(obj: Any, path: Path, where: str) -> dict[str, Any]:
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with path.open(encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, start=1):
+        for lineno, line in enumerate(_lines(fh, path), start=1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise UserError(f"line {lineno}: malformed JSON ({err.msg})", path=path) from None
+            except RecursionError:
+                raise UserError(f"line {lineno}: JSON nested too deeply", path=path) from None
             yield lineno, _as_record(obj, path, f"line {lineno}")
 
 
 def _read_json(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise UserError(f"JSON file too large to parse whole ({size >> 20} MB; at most "
+                        f"{MAX_JSON_BYTES >> 20} MB): save it as JSON Lines (.jsonl), which is streamed",
+                        path=path)
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise UserError(f"line {err.lineno}: malformed JSON ({err.msg})", path=path) from None
+    except RecursionError:
+        raise UserError("JSON nested too deeply", path=path) from None
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
@@ -118,10 +156,33 @@ def _read_json(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _read_txt(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with path.open(encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, start=1):
+        for lineno, line in enumerate(_lines(fh, path), start=1):
             text = line.rstrip("\r\n")
             if text.strip():
                 yield lineno, {"prompt": text}
+
+
+def _first_bad_utf8_line(path: Path) -> int:
+    """The line of the first byte that is not UTF-8 (streamed; only called after a decode error)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line = 1
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                return line + chunk[:max(0, err.start)].count(b"\n")
+            line += chunk.count(b"\n")
+    return line
+
+
+def _utf8_checked(path: Path, records: Iterator[tuple[int, dict[str, Any]]]
+                  ) -> Iterator[tuple[int, dict[str, Any]]]:
+    try:
+        yield from records
+    except UnicodeDecodeError:
+        raise UserError(f"line {_first_bad_utf8_line(path)}: not UTF-8 text (save the file as UTF-8)",
+                        path=path) from None
 
 
 def _read_datasets_dir(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -130,7 +191,8 @@ def _read_datasets_dir(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as err:  # datasets raises FileNotFoundError / ValueError variants
-        raise UserError(f"not a `datasets` folder saved with save_to_disk ({err})", path=path) from None
+        raise UserError(f"not a `datasets` folder saved with save_to_disk ({_short(str(err), 100)})",
+                        path=path) from None
     if isinstance(ds, datasets.DatasetDict):
         splits = list(ds)
         if "test" in ds:
@@ -138,7 +200,7 @@ def _read_datasets_dir(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         elif len(splits) == 1:
             ds = ds[splits[0]]
         else:
-            raise UserError(f"a DatasetDict with splits {splits} and no 'test' split; "
+            raise UserError(f"a DatasetDict with splits {_short(splits)} and no 'test' split; "
                             "save the split to use", path=path)
     for i, record in enumerate(ds, start=1):
         yield i, dict(record)
@@ -153,16 +215,16 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         return _read_datasets_dir(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
-        return _read_csv(path, ",")
+        return _utf8_checked(path, _read_csv(path, ","))
     if suffix == ".tsv":
-        return _read_csv(path, "\t")
+        return _utf8_checked(path, _read_csv(path, "\t"))
     if suffix in (".jsonl", ".ndjson"):
-        return _read_jsonl(path)
+        return _utf8_checked(path, _read_jsonl(path))
     if suffix == ".json":
-        return _read_json(path)
+        return _utf8_checked(path, _read_json(path))
     if suffix == ".txt":
-        return _read_txt(path)
-    raise UserError(f"unknown prompt-set format {suffix!r} (use .csv, .tsv, .jsonl, .json, .txt "
+        return _utf8_checked(path, _read_txt(path))
+    raise UserError(f"unknown prompt-set format {_short(suffix)} (use .csv, .tsv, .jsonl, .json, .txt "
                     "or a `datasets` folder)", path=path)
 
 
@@ -176,12 +238,13 @@ def _find_column(columns: Sequence[str], wanted: str | None, candidates: Sequenc
             return wanted
         if wanted.lower() in by_lower:
             return by_lower[wanted.lower()]
-        raise UserError(f"no {what} column {wanted!r}; the columns are {list(columns)}", path=path)
+        raise UserError(f"no {what} column {_short(wanted)}; the columns are {_short(list(columns))}",
+                        path=path)
     for name in candidates:
         if name in by_lower:
             return by_lower[name]
     if required:
-        raise UserError(f"no {what} column found; the columns are {list(columns)} "
+        raise UserError(f"no {what} column found; the columns are {_short(list(columns))} "
                         f"(choose one with --{what}-column)", path=path)
     return None
 
@@ -192,15 +255,27 @@ def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else str(value)
 
 
-def load_prompt_file(path: str | Path, *, prompt_column: str | None = None,
+def iter_prompt_rows(path: str | Path, *, prompt_column: str | None = None,
                      category_column: str | None = None, reference_column: str | None = None,
-                     require_reference: bool = False) -> list[PromptRow]:
-    """Read one prompt set into `PromptRow`s (all rows, before any limit or filter)."""
-    path = Path(path)
-    records = list(read_records(path))
-    if not records:
+                     require_reference: bool = False) -> Iterator[PromptRow]:
+    """Stream the `PromptRow`s of one prompt set, checking each row as it is read.
+
+    Columns are detected from the first record.  Nothing is read before the first `next()`.
+    """
+    _, rows = _open_rows(Path(path), prompt_column, category_column, reference_column,
+                         require_reference)
+    yield from rows
+
+
+def _open_rows(path: Path, prompt_column: str | None, category_column: str | None,
+               reference_column: str | None, require_reference: bool
+               ) -> tuple[bool, Iterator[PromptRow]]:
+    """(whether the set has a label column, its rows): reads the first record now."""
+    records = iter(read_records(path))
+    first = next(records, None)
+    if first is None:
         raise UserError("empty prompt set (no rows)", path=path)
-    columns = list(records[0][1].keys())
+    columns = list(first[1].keys())
     single = [columns[0]] if len(columns) == 1 else []
     p_col = _find_column(columns, prompt_column, [*PROMPT_COLUMNS, *(c.lower() for c in single)],
                          path, "prompt", required=True)
@@ -211,23 +286,101 @@ def load_prompt_file(path: str | Path, *, prompt_column: str | None = None,
                              [c for c in REFERENCE_COLUMNS if c.lower() != p_col.lower()],
                              path, "reference", required=require_reference)
     l_col = next((c for c in columns if c.lower() == LABEL_COLUMN and c not in (p_col, r_col)), None)
+    return l_col is not None, _rows(path, itertools.chain([first], records), p_col, c_col, r_col,
+                                    l_col, require_reference)
 
-    rows: list[PromptRow] = []
+
+def _rows(path: Path, records: Iterator[tuple[int, dict[str, Any]]], p_col: str, c_col: str | None,
+          r_col: str | None, l_col: str | None, require_reference: bool) -> Iterator[PromptRow]:
     for line, rec in records:
         if p_col not in rec:
-            raise UserError(f"line {line}: no {p_col!r} field", path=path)
+            raise UserError(f"line {line}: no {_short(p_col)} field", path=path)
         prompt = _text(rec[p_col])
         if prompt is None or not prompt.strip():
             raise UserError(f"line {line}: empty prompt", path=path)
         reference = _text(rec.get(r_col)) if r_col else None
         if require_reference and (reference is None or not reference.strip()):
-            raise UserError(f"line {line}: task row without a reference ({r_col!r} is missing or empty)",
+            raise UserError(f"line {line}: task row without a reference ({_short(r_col)} is missing or empty)",
                             path=path)
         category = _text(rec.get(c_col)) if c_col else None
         label = _text(rec.get(l_col)) if l_col else None
-        rows.append(PromptRow(prompt=prompt, line=line, category=category or None,
-                              reference=reference, label=label))
-    return rows
+        yield PromptRow(prompt=prompt, line=line, category=category or None, reference=reference,
+                        label=label)
+
+
+def load_prompt_file(path: str | Path, *, prompt_column: str | None = None,
+                     category_column: str | None = None, reference_column: str | None = None,
+                     require_reference: bool = False, limit: int | None = None,
+                     sample: int | None = None, seed: int = 0, safe_only: bool = False) -> list[PromptRow]:
+    """Read one prompt set into `PromptRow`s.
+
+    Without `limit`, `sample` and `safe_only`: every row (each one checked).  With them, the result
+    is exactly `select_rows(safe_rows_only(rows) if safe_only else rows, limit=, sample=, seed=)`,
+    but the file is streamed: with `limit` and no `sample`, reading stops once `limit` rows are
+    kept (rows after them are not read, nor checked); with `sample`, a first pass counts (and
+    checks) the rows and a second one picks the drawn ones, so memory holds only those.  Applying
+    `select_rows`/`safe_rows_only` again to the result changes nothing.
+    """
+    path = Path(path)
+    columns = (prompt_column, category_column, reference_column, require_reference)
+    has_label, rows = _open_rows(path, *columns)
+    safe_only = safe_only and has_label  # without a label column every row is kept
+    if sample is None:
+        return _first_rows(rows, limit, safe_only)
+    n_all = n_safe = 0
+    any_label = False
+    for row in rows:
+        n_all += 1
+        any_label = any_label or row.label is not None
+        n_safe += _is_safe(row)
+    only_safe = safe_only and any_label
+    n = n_safe if only_safe else n_all
+    if sample >= n:
+        return _first_rows(_open_rows(path, *columns)[1], limit, safe_only)
+    keep = sorted(random.Random(seed).sample(range(n), sample))  # as select_rows draws them
+    if limit is not None:
+        keep = keep[:limit]
+    wanted, last = set(keep), keep[-1] if keep else -1
+    picked: list[PromptRow] = []
+    index = -1
+    for row in _open_rows(path, *columns)[1]:
+        if only_safe and not _is_safe(row):
+            continue
+        index += 1
+        if index in wanted:
+            picked.append(row)
+        if index >= last:
+            break
+    return picked
+
+
+def _is_safe(row: PromptRow) -> bool:
+    return (row.label or "").strip().lower() == "safe"
+
+
+def _first_rows(rows: Iterator[PromptRow], limit: int | None, safe_only: bool) -> list[PromptRow]:
+    """The first `limit` rows (of the `safe` ones when `safe_only`, as `safe_rows_only` keeps them),
+    reading no further than needed."""
+    if limit is not None and limit <= 0:
+        return []
+    kept: list[PromptRow] = []
+    unlabeled: list[PromptRow] = []  # safe_only: all rows, while no row has had a label
+    any_label = False
+    for row in rows:
+        if not safe_only:
+            kept.append(row)
+        else:
+            if row.label is not None and not any_label:
+                any_label, unlabeled = True, []
+            if _is_safe(row):
+                kept.append(row)
+            elif not any_label and (limit is None or len(unlabeled) < limit):
+                unlabeled.append(row)
+        if limit is not None and len(kept) >= limit and (not safe_only or any_label):
+            break
+    if safe_only and not any_label:
+        kept = unlabeled
+    return kept[:limit] if limit is not None else kept
 
 
 def select_rows(rows: list[PromptRow], *, limit: int | None = None, sample: int | None = None,

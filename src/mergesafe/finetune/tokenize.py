@@ -24,6 +24,12 @@ from typing import Any
 
 import torch
 
+from mergesafe.checkpoint.chat_template import (
+    MAX_TEMPLATE_CHARS,
+    chat_template_source,
+    check_chat_template,
+    describe_template_error,
+)
 from mergesafe.errors import UserError
 from mergesafe.finetune.data import Example
 
@@ -38,7 +44,14 @@ def read_chat_template(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise UserError("chat template file not found", path=path)
-    text = path.read_text(encoding="utf-8")
+    size = path.stat().st_size
+    if size > MAX_TEMPLATE_CHARS:
+        raise UserError(f"chat template file too large ({size} bytes; at most {MAX_TEMPLATE_CHARS})",
+                        path=path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError("chat template file is not UTF-8 text", path=path) from None
     if path.suffix == ".json":
         try:
             text = json.loads(text)["chat_template"]
@@ -51,7 +64,12 @@ def read_chat_template(path: str | Path) -> str:
 
 def load_tokenizer(model: str | Path, chat_template: str | Path | None = None,
                    need_template: bool = True):
-    """The model folder's tokenizer, with `chat_template` (a file) installed when given."""
+    """The model folder's tokenizer, with `chat_template` (a file) installed when given.
+
+    When the template is needed, it is first rendered on a short probe conversation under time and
+    memory bounds (:func:`mergesafe.checkpoint.chat_template.check_chat_template`): a template that
+    fails, hangs or explodes is a `UserError` naming its file.
+    """
     from transformers import AutoTokenizer
 
     model = Path(model)
@@ -63,12 +81,14 @@ def load_tokenizer(model: str | Path, chat_template: str | Path | None = None,
     try:
         tok = AutoTokenizer.from_pretrained(str(model))
     except Exception as err:  # noqa: BLE001 - any failure to load is bad input
-        raise UserError(f"cannot load the tokenizer ({type(err).__name__}: {err})", path=model) from None
+        raise UserError(f"cannot load the tokenizer ({describe_template_error(err)})", path=model) from None
     if chat_template is not None:
         tok.chat_template = read_chat_template(chat_template)
     if need_template and not tok.chat_template:
         raise UserError("the model has no chat template (tokenizer 'chat_template'); "
                         "pass one with --chat-template FILE", path=model)
+    if need_template:
+        check_chat_template(tok, chat_template if chat_template is not None else chat_template_source(tok))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -159,7 +179,7 @@ def tokenize_examples(tok, examples: Sequence[Example], max_length: int, source:
             raise
         except Exception as err:  # noqa: BLE001 - a template that rejects the conversation
             raise UserError(f"{ex.where}: the chat template cannot render this conversation "
-                            f"({type(err).__name__}: {err})", path=source) from None
+                            f"({describe_template_error(err)})", path=source) from None
         if len(ids) > max_length:
             out.truncated += 1
             ids, labels = ids[:max_length], labels[:max_length]

@@ -25,17 +25,19 @@ else the base model's dtype.
 from __future__ import annotations
 
 import re
+import reprlib
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from mergesafe.checkpoint import open_adapter, open_checkpoint
+from mergesafe.checkpoint import open_adapter
+from mergesafe.checkpoint.inputs import open_model
 from mergesafe.errors import UserError
 from mergesafe.merge.engine import merge_group
 from mergesafe.merge.registry import MethodSpec, ParamSpec, check_della, get_method
-from mergesafe.merge.stream import Source, StreamPlan, parse_dtype, tokenizer_folder
+from mergesafe.stream import Source, StreamPlan, parse_dtype, tokenizer_folder
 
 SUPPORTED_KEYS = ("models", "base_model", "merge_method", "parameters", "dtype", "out_dtype",
                   "tokenizer_source")
@@ -43,13 +45,138 @@ _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 _WEIGHT = ParamSpec("weight", float, help="model weight")
 
 
+# Bounds on a config file: mergekit configs are a few KB; anchors and aliases are allowed, but the
+# document they expand to (what the manifest stores, what error messages may quote) stays small.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_NODES = 10_000  # nodes written in the file (PyYAML composes ~10k nodes a second or more)
+MAX_FLOW_DEPTH = 100  # nested [ and {: PyYAML's scanner is quadratic in their depth
+MAX_EXPANDED_NODES = 100_000
+MAX_EXPANDED_CHARS = 4_000_000
+MAX_ECHO = 100  # characters of a user value quoted in an error message
+MAX_MESSAGE = 400
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = MAX_ECHO
+_REPR.maxother = MAX_ECHO
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 6
+_REPR.maxlevel = 3
+
+
+def short(value: Any) -> str:
+    """A repr of `value` for an error message: never more than about `MAX_ECHO` characters."""
+    text = _REPR.repr(value)
+    return text if len(text) <= MAX_ECHO else text[:MAX_ECHO - 3] + "..."
+
+
+def _expanded_size(root: yaml.Node, path: Path) -> None:
+    """Refuse a document whose aliases expand to more than the bounds (a "billion laughs").
+
+    Alias nodes are shared in the composed graph, so the expanded size is counted once per node
+    (memoised) without expanding anything; a recursive alias is refused too.
+    """
+    sizes: dict[int, tuple[int, int]] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            nodes, chars = 1, 0
+            for child in _children(node):
+                n, c = sizes[id(child)]
+                nodes, chars = nodes + n, chars + c
+            if nodes > MAX_EXPANDED_NODES or chars > MAX_EXPANDED_CHARS:
+                raise UserError(f"the YAML expands to more than {MAX_EXPANDED_NODES} values or "
+                                f"{MAX_EXPANDED_CHARS} characters (too many aliases?)", path)
+            sizes[key] = (nodes, chars)
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise UserError("the YAML holds a recursive alias (an anchor used inside itself)", path)
+        if isinstance(node, yaml.ScalarNode):
+            sizes[key] = (1, len(node.value))
+            continue
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    return []
+
+
+class _TooManyNodes(Exception):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that stops composing after `MAX_YAML_NODES` nodes."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._nodes = 0
+
+    def compose_node(self, parent, index):
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            raise _TooManyNodes
+        return super().compose_node(parent, index)
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of ``[``/``{`` (a cheap over-estimate: quotes are not parsed)."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}" and depth:
+            depth -= 1
+    return deepest
+
+
 def _load_yaml(path: Path) -> dict:
     if not path.is_file():
         raise UserError("no such file", path)
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise UserError(f"config file too large ({size} bytes; a mergekit config is at most "
+                        f"{MAX_CONFIG_BYTES} bytes)", path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise UserError(f"line {line}: not UTF-8 text", path) from None
+    if _flow_depth(text) > MAX_FLOW_DEPTH:
+        raise UserError(f"invalid YAML: nested too deeply (more than {MAX_FLOW_DEPTH} levels of [ or {{)",
+                        path)
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            data = None
+        else:
+            _expanded_size(node, path)
+            data = loader.construct_document(node)
     except yaml.YAMLError as err:
-        raise UserError(f"invalid YAML: {str(err).splitlines()[0]}", path) from None
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(f"invalid YAML: {first[:MAX_ECHO]}", path) from None
+    except RecursionError:
+        raise UserError("invalid YAML: nested too deeply", path) from None
+    except _TooManyNodes:
+        raise UserError(f"the YAML has more than {MAX_YAML_NODES} values; a mergekit config is "
+                        "much smaller", path) from None
+    except (ValueError, TypeError, OverflowError) as err:  # e.g. a timestamp 2024-13-45
+        raise UserError(f"invalid YAML value ({type(err).__name__}: {str(err)[:MAX_ECHO]})",
+                        path) from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise UserError("a mergekit config must be a mapping", path)
     return data
@@ -57,8 +184,10 @@ def _load_yaml(path: Path) -> dict:
 
 def _model_ref(value: Any, path: Path, where: str) -> str:
     if isinstance(value, str) and value.strip():
+        if len(value) > 4096:
+            raise UserError(f"{where}: model path too long ({len(value)} characters)", path)
         return value.strip()
-    raise UserError(f"{where}: expected a model path, got {value!r}", path)
+    raise UserError(f"{where}: expected a model path, got {short(value)}", path)
 
 
 class ConfigModel:
@@ -71,7 +200,7 @@ class ConfigModel:
         self.lora = self._locate(lora, config_dir) if lora else None
         key = str(self.path)
         if key not in base_cache:
-            base_cache[key] = open_checkpoint(self.path, allow_pickle=allow_pickle)
+            base_cache[key] = open_model(self.path, allow_pickle=allow_pickle)
         self.ckpt = base_cache[key]
         if self.lora is not None:
             self.ckpt = open_adapter(self.lora, self.ckpt, allow_pickle=allow_pickle)
@@ -107,12 +236,12 @@ def _evaluate(setting: Any, name: str, t: float, spec: ParamSpec, method: str) -
         for cond in setting:
             if not isinstance(cond, dict) or "value" not in cond or set(cond) - {"value", "filter"}:
                 raise UserError(f"parameter {spec.name!r}: expected {{filter, value}} conditions, "
-                                f"got {cond!r}")
+                                f"got {short(cond)}")
             flt = cond.get("filter")
             if flt is None or flt == "*" or (name and str(flt) in name):
                 return _evaluate(cond["value"], name, t, spec, method)
         return None
-    raise UserError(f"parameter {spec.name!r}: unexpected value {setting!r}")
+    raise UserError(f"parameter {spec.name!r}: unexpected value {short(setting)}")
 
 
 def _check_param_names(params: Any, spec: MethodSpec, allowed_weight: bool, where: str,
@@ -126,7 +255,7 @@ def _check_param_names(params: Any, spec: MethodSpec, allowed_weight: bool, wher
             continue
         if spec.param(key) is None:
             allowed = ", ".join((["weight"] if allowed_weight else []) + spec.param_names)
-            raise UserError(f"{where}: unknown parameter {key!r} for method {spec.name} "
+            raise UserError(f"{where}: unknown parameter {short(key)} for method {spec.name} "
                             f"(allowed: {allowed})", path)
     return params
 
@@ -180,17 +309,55 @@ class ConfigResolver:
         return out
 
 
+def _names(keys: list) -> str:
+    """Some user keys for a message, each and all of them cut short."""
+    text = ", ".join(str(k)[:MAX_ECHO] for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
+    return text if len(text) <= 2 * MAX_ECHO else text[:2 * MAX_ECHO - 3] + "..."
+
+
+def _scalar(data: dict, key: str, path: Path) -> Any:
+    """A top-level setting that must be a short scalar (method name, dtype, tokenizer source)."""
+    value = data.get(key)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if not isinstance(value, str) or len(value) > 4096:
+        raise UserError(f"{key}: expected a name or path, got {short(value)}", path)
+    return value
+
+
 def build_config_plan(config_path: str | Path, *, seed: int = 0, allow_pickle: bool = False,
                       dtype: str | None = None) -> StreamPlan:
-    """Parse a mergekit YAML file and return the :class:`StreamPlan` of its merge."""
+    """Parse a mergekit YAML file and return the :class:`StreamPlan` of its merge.
+
+    Every error is a one-line :class:`UserError` of bounded length that names the config file
+    (or the model folder it is about).
+    """
     path = Path(config_path).expanduser()
+    try:
+        return _build_config_plan(path, seed=seed, allow_pickle=allow_pickle, dtype=dtype)
+    except UserError as err:
+        message = str(err)
+        if err.path is not None and message.startswith(f"{err.path}: "):
+            message = message[len(err.path) + 2:]
+        if err.path is not None and len(message) <= MAX_MESSAGE and "\n" not in message:
+            raise
+        message = " ".join(message.split())
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE - 3] + "..."
+        raise UserError(message, err.path if err.path is not None else path) from None
+
+
+def _build_config_plan(path: Path, *, seed: int, allow_pickle: bool,
+                       dtype: str | None) -> StreamPlan:
     data = _load_yaml(path)
     unsupported = [k for k in data if k not in SUPPORTED_KEYS]
     if unsupported:
-        raise UserError(f"unsupported mergekit config key(s): {', '.join(map(str, unsupported))} "
+        raise UserError(f"unsupported mergekit config key(s): {_names(unsupported)} "
                         f"(mergesafe supports: {', '.join(SUPPORTED_KEYS)})", path)
     if "merge_method" not in data:
         raise UserError("merge_method is missing", path)
+    for key in ("merge_method", "dtype", "out_dtype", "tokenizer_source", "base_model"):
+        _scalar(data, key, path)
     spec = get_method(str(data["merge_method"]))
     models = data.get("models")
     if not isinstance(models, list) or not models:
@@ -210,7 +377,7 @@ def build_config_plan(config_path: str | Path, *, seed: int = 0, allow_pickle: b
             raise UserError(f"{where}: expected {{model: PATH, parameters: ...}}", path)
         bad = [k for k in m if k not in ("model", "parameters")]
         if bad:
-            raise UserError(f"{where}: unsupported key(s): {', '.join(bad)}", path)
+            raise UserError(f"{where}: unsupported key(s): {_names(bad)}", path)
         ref = _model_ref(m["model"], path, where)
         params = _check_param_names(m.get("parameters"), spec, True, where, path)
         entries.append((ref, params))
@@ -278,7 +445,7 @@ def build_config_plan(config_path: str | Path, *, seed: int = 0, allow_pickle: b
     else:
         tref = str(tok_src)
         if tref not in sources:
-            raise UserError(f"tokenizer_source {tref!r} is not one of the config's models", path)
+            raise UserError(f"tokenizer_source {short(tref)} is not one of the config's models", path)
         donor = sources[tref]
     out_dtype = parse_dtype(data.get("out_dtype"), "out_dtype") or parse_dtype(
         data.get("dtype"), "dtype")

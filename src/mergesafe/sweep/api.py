@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mergesafe.errors import UserError
+from mergesafe.sweep.grid import check_grid
 from mergesafe.sweep.results import ResultsStore, fingerprint, trial_key
 from mergesafe.sweep.selection import mean_asr, pareto_front, recommend, task_score
 
@@ -77,11 +78,12 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
     for path in [pre, *posts, *([Path(anchor)] if anchor else [])]:
         if not path.exists():
             raise UserError("no such model folder", path=path)
-    check_not_input(out, [pre, *posts, anchor])
+    check_not_input(out, [pre, *posts, anchor], may_contain=True)  # OUT is never replaced
     if not weights:
         raise UserError("empty weight grid", path="--weights")
     if not methods:
         raise UserError("no merge method given", path="--methods")
+    check_grid(methods, weights)
     params = params or {}
     checked = {m: validate_params(m, dict(params.get(m, {}))) for m in methods}
 

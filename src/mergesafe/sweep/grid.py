@@ -3,41 +3,72 @@
 from __future__ import annotations
 
 import math
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal, DecimalException, InvalidOperation
 
 from mergesafe.errors import UserError
+
+MAX_WEIGHTS = 1000  # λ values in one grid
+MAX_TRIALS = 5000  # methods × λ merges (each one a merge plus a full evaluation)
+
+
+def _echo(spec: str) -> str:
+    """The user's grid for a message, cut short."""
+    spec = spec.strip()
+    return spec if len(spec) <= 100 else spec[:97] + "..."
 
 
 def parse_weights(spec: str) -> list[float]:
     """`"0.1:0.9:0.1"` (start:stop:step, stop included) or `"0.25,0.5,0.75"` → sorted unique λs in [0, 1].
 
-    Decimal arithmetic keeps `0.1:0.9:0.1` at exactly nine points (0.1, 0.2, ..., 0.9).
+    Decimal arithmetic keeps `0.1:0.9:0.1` at exactly nine points (0.1, 0.2, ..., 0.9).  A grid of
+    more than `MAX_WEIGHTS` values is refused (counted before any value is made).
     """
     text = spec.strip()
     if not text:
         raise UserError("empty weight grid", path="--weights")
+    shown = _echo(text)
     try:
         if ":" in text:
             parts = [Decimal(p) for p in text.split(":")]
             if len(parts) != 3:
-                raise UserError(f"'{spec}' is not start:stop:step", path="--weights")
+                raise UserError(f"'{shown}' is not start:stop:step", path="--weights")
             start, stop, step = parts
             if step <= 0:
-                raise UserError(f"'{spec}': step must be positive", path="--weights")
+                raise UserError(f"'{shown}': step must be positive", path="--weights")
             if stop < start:
-                raise UserError(f"'{spec}': stop is below start", path="--weights")
+                raise UserError(f"'{shown}': stop is below start", path="--weights")
+            for v in (start, stop):
+                if not v.is_finite() or not 0 <= v <= 1:
+                    raise UserError(f"weight {_echo(str(v))} is outside [0, 1] (0 = pre, 1 = post)",
+                                    path="--weights")
+            # counted before anything is made (a tiny step underflows to 0 here, not overflows)
+            if stop - start >= step * MAX_WEIGHTS:
+                raise UserError(f"'{shown}' makes more than {MAX_WEIGHTS} weights; use a larger step",
+                                path="--weights")
             count = int((stop - start) / step) + 1
             values = [float(start + i * step) for i in range(count)]
         else:
-            values = [float(Decimal(p)) for p in text.split(",") if p.strip()]
-    except (InvalidOperation, ValueError):
-        raise UserError(f"'{spec}' is not a list of numbers or start:stop:step", path="--weights") from None
+            items = [p for p in text.split(",") if p.strip()]
+            if len(items) > MAX_WEIGHTS:
+                raise UserError(f"{len(items)} weights given; at most {MAX_WEIGHTS}", path="--weights")
+            values = [float(Decimal(p)) for p in items]
+    except (InvalidOperation, DecimalException, ValueError, OverflowError):
+        raise UserError(f"'{shown}' is not a list of numbers or start:stop:step", path="--weights") from None
     if not values:
         raise UserError("empty weight grid", path="--weights")
     for v in values:
         if not math.isfinite(v) or not 0.0 <= v <= 1.0:
-            raise UserError(f"weight {v} is outside [0, 1] (0 = pre, 1 = post)", path="--weights")
-    return sorted(set(round(v, 10) for v in values))
+            raise UserError(f"weight {_echo(str(v))} is outside [0, 1] (0 = pre, 1 = post)",
+                            path="--weights")
+    return sorted({round(v, 10) for v in values})
+
+
+def check_grid(methods: list[str], weights: list[float]) -> None:
+    """Refuse a sweep of more than `MAX_TRIALS` merges (methods × weights)."""
+    n = len(methods) * len(weights)
+    if n > MAX_TRIALS:
+        raise UserError(f"{len(methods)} methods × {len(weights)} weights = {n} merges; at most "
+                        f"{MAX_TRIALS} (use fewer methods or a coarser grid)", path="--weights")
 
 
 def parse_methods(spec: str | list[str]) -> list[str]:
@@ -51,7 +82,7 @@ def parse_methods(spec: str | list[str]) -> list[str]:
         if not name:
             continue
         if name not in METHODS:
-            raise UserError(f"unknown merge method '{name}' (known: {', '.join(sorted(METHODS))})",
+            raise UserError(f"unknown merge method '{_echo(name)}' (known: {', '.join(sorted(METHODS))})",
                             path="--methods")
         if name not in methods:
             methods.append(name)

@@ -80,6 +80,10 @@ class LlamaGuardJudge(ModelJudge):
         super().__init__(*args, **kwargs)
         template = getattr(self.tokenizer, "chat_template", None) or ""
         self._own_template = "UNSAFE CONTENT CATEGORIES" in template
+        if self._own_template:  # a user-supplied template: rendered under bounds first
+            from mergesafe.checkpoint.chat_template import check_chat_template
+
+            check_chat_template(self.tokenizer, self.path)
 
     def build_prompt(self, prompt: str, response: str) -> str:  # type: ignore[override]
         if self._own_template:
