@@ -113,3 +113,89 @@ def test_cli_full_run_with_overwrite(tiny_pre, good_data, tmp_path, capsys):
     manifest = json.loads((out / "mergesafe.json").read_text())
     assert manifest["config"]["lora"] is False and manifest["config"]["system_prompt"] == "Be brief."
     assert manifest["training"]["global_step"] == 2
+
+
+@pytest.mark.parametrize("flag", [[], ["--allow-pickle"]])
+def test_ema_merge_follows_allow_pickle(tiny_pre, good_data, tmp_path, capsys, monkeypatch, flag):
+    """`finetune --ema --merge-adapter` merges the EMA adapter with the user's --allow-pickle, never
+    with pickle allowed behind their back."""
+    import mergesafe.merge.api as merge_api
+
+    real_merge = merge_api.merge
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("allow_pickle"))
+        return real_merge(*args, **kwargs)
+
+    monkeypatch.setattr(merge_api, "merge", spy)
+    out = tmp_path / "out"
+    code, _, err = run(["--model", str(tiny_pre), "--data", str(good_data), "--out", str(out),
+                        "--ema", "0.5", "--merge-adapter", "--max-steps", "1", "--val-size", "0",
+                        "--no-progress", "--cpu-threads", "1", *flag], capsys)
+    assert code == 0, err
+    assert seen == [bool(flag)]
+    assert (out / "ema" / "adapter").is_dir()
+    assert json.loads((out / "mergesafe.json").read_text())["config"]["allow_pickle"] is bool(flag)
+
+
+def test_failed_run_leaves_no_partial_and_an_empty_partial_blocks_nothing(tiny_pre, good_data, tmp_path,
+                                                                           capsys):
+    model = shutil.copytree(tiny_pre, tmp_path / "model")
+    shard = max(model.glob("model-*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:100])  # fails when the trainer loads it, after OUT.partial exists
+    out = tmp_path / "new" / "out"
+    expect_error(["--model", str(model), "--data", str(good_data), "--out", str(out), "--no-progress"],
+                 capsys, str(model))
+    assert not (tmp_path / "new").exists()  # nor OUT.partial, nor the parent it made
+    (tmp_path / "out.partial" / "empty").mkdir(parents=True)  # left by a run killed before writing
+    out = tmp_path / "out"
+    code, _, err = run(["--model", str(tiny_pre), "--data", str(good_data), "--out", str(out),
+                        "--max-steps", "1", "--val-size", "0", "--no-progress", "--cpu-threads", "1"], capsys)
+    assert code == 0, err
+    assert (out / "adapter_model.safetensors").is_file() and not (tmp_path / "out.partial").exists()
+    (tmp_path / "out2.partial").mkdir()
+    (tmp_path / "out2.partial" / "train_log.jsonl").write_text('{"step": 2}\n')  # something: kept
+    expect_error(["--model", str(tiny_pre), "--data", str(good_data), "--out", str(tmp_path / "out2")],
+                 capsys, "interrupted run", "--resume")
+
+
+def test_out_is_the_model_or_a_file_parent(tiny_pre, good_data, tmp_path, capsys):
+    model = shutil.copytree(tiny_pre, tmp_path / "model")
+    (tmp_path / "other").mkdir()
+    before = sorted((p.name, p.stat().st_size) for p in model.iterdir())
+    for out in (model, tmp_path / "other" / ".." / "model", model / "sub"):
+        expect_error(["--model", str(model), "--data", str(good_data), "--out", str(out), "--overwrite"],
+                     capsys, "input", str(model))
+    (tmp_path / "link").symlink_to(tmp_path, target_is_directory=True)
+    expect_error(["--model", str(model), "--data", str(good_data), "--out", str(tmp_path / "link" / "model"),
+                  "--overwrite"], capsys, "input", str(model))
+    data_dir = tmp_path / "d"
+    data_dir.mkdir()
+    data = shutil.copy(good_data, data_dir / "train.jsonl")
+    expect_error(["--model", str(model), "--data", str(data), "--out", str(data_dir), "--overwrite"],
+                 capsys, "contains the input", str(data))
+    assert data.read_text() == good_data.read_text()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    expect_error(["--model", str(model), "--data", str(good_data), "--out", str(afile / "out")], capsys,
+                 str(afile), "not a folder")
+    assert sorted((p.name, p.stat().st_size) for p in model.iterdir()) == before
+    assert afile.read_text() == "x"
+
+
+def test_failure_during_training_removes_the_work_folder_and_the_parents_it_made(tiny_pre, good_data,
+                                                                                 tmp_path):
+    from transformers import TrainerCallback
+
+    import mergesafe
+
+    class Boom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise RuntimeError("boom")
+
+    out = tmp_path / "a" / "b" / "out"
+    with pytest.raises(RuntimeError, match="boom"):
+        mergesafe.finetune(tiny_pre, good_data, out, callbacks=[Boom()], max_steps=2, val_size=0,
+                           progress=False, cpu_threads=1)
+    assert list(tmp_path.iterdir()) == [good_data]  # no OUT.partial, no a/b

@@ -82,6 +82,11 @@ def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
     Call it early (before any long work) to fail fast; ``atomic_output_dir`` checks again.
     """
     out = Path(out).expanduser().absolute()
+    for parent in out.parents:  # the nearest existing ancestor must be a folder
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot write the output: {parent} is a file, not a folder", out)
+            break
     if out.exists() or out.is_symlink():
         if out.is_dir() and not out.is_symlink():
             if any(out.iterdir()) and not overwrite:
@@ -199,9 +204,17 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     and ``overwrite`` is false.
     """
     out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create the folder {out.parent}: {err.strerror or err}",
+                        out) from None
     remove_stale_temporaries(out)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), dir=out.parent))
+    except OSError as err:  # read-only file system, no permission, no space
+        raise UserError(f"cannot create a folder in {out.parent}: {err.strerror or err}",
+                        out) from None
     try:
         os.chmod(tmp, 0o777 & ~_umask())
     except OSError:

@@ -44,6 +44,8 @@ def command(
     backend: str = typer.Option("transformers", "--backend", help="transformers | vllm"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: auto)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin weights (torch.load "
+                                      "with weights_only=True)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
     from mergesafe.evaluate.api import evaluate
@@ -53,7 +55,7 @@ def command(
         limit=limit, sample=sample, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
         repetition_penalty=repetition_penalty, system_prompt=system_prompt, prompt_column=prompt_column,
         category_column=category_column, reference_column=reference_column, progress=progress,
-        device=device)
+        device=device, allow_pickle=allow_pickle)
     metrics = evaluate(model, out=out, config=config, adapter=adapter, overwrite=overwrite)
     print_table(metrics)
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'generations.jsonl'}")

@@ -56,6 +56,8 @@ def command(
     cpu_threads: Optional[int] = typer.Option(None, "--cpu-threads", min=1, help="torch CPU threads."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept a model whose weights are "
+                                      ".bin files (torch.load with weights_only=True)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     ema: Optional[float] = typer.Option(
         None, "--ema", metavar="BETA",
@@ -76,6 +78,7 @@ def command(
         gradient_checkpointing=gradient_checkpointing, group_by_length=group_by_length, precision=precision, seed=seed,
         logging_steps=logging_steps, eval_steps=eval_steps, save_steps=save_steps,
         cpu_threads=cpu_threads, resume=resume, overwrite=overwrite, progress=progress, ema=ema,
+        allow_pickle=allow_pickle,
     )
     result = finetune(model, data, out, config)
     print_summary(json.loads((result / MANIFEST).read_text()), result)

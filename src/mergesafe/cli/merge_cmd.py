@@ -56,10 +56,6 @@ def _parse_params(items: list[str] | None) -> dict:
     return params
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None):  # noqa: ARG001
-    print(f"mergesafe: warning: {message}", file=sys.stderr)
-
-
 def command(
     out: Annotated[Path, typer.Option("--out", help="Output folder (written atomically).")],
     pre: Annotated[Optional[Path], typer.Option("--pre", help="Model before fine-tuning.")] = None,
@@ -103,8 +99,6 @@ def command(
         "adapter).")] = None,
 ) -> None:
     """Merge pre- and post-tuning weights into a new model (mergekit methods and semantics)."""
-    old_show = warnings.showwarning
-    warnings.showwarning = _show_warning
     try:
         if config is not None:
             given = [flag for flag, v in (("--pre", pre), ("--post", post), ("--weight", weight),
@@ -152,8 +146,6 @@ def command(
         signum = getattr(err, "signum", None)
         print(f"mergesafe: error: {out}: interrupted; nothing was written", file=sys.stderr)
         raise SystemExit(128 + signum if signum else 130) from None
-    finally:
-        warnings.showwarning = old_show
     print(f"merged -> {result}")
     _fast_exit_if_console()
 

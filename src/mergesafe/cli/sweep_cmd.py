@@ -65,7 +65,7 @@ def command(
                                       "with weights_only=True)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    from mergesafe.sweep.api import sweep
+    from mergesafe.api import sweep
     from mergesafe.sweep.grid import parse_method_params, parse_methods, parse_weights
     from mergesafe.sweep.table import print_sweep
 
@@ -76,7 +76,8 @@ def command(
         safety=safety, over_refusal=over_refusal, task=task, scorer=scorer, judge=judge, limit=limit,
         sample=sample, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
         repetition_penalty=repetition_penalty, system_prompt=system_prompt, prompt_column=prompt_column,
-        category_column=category_column, reference_column=reference_column, device=device)
+        category_column=category_column, reference_column=reference_column, device=device,
+        allow_pickle=allow_pickle)
     result = sweep(pre, post if len(post) > 1 else post[0], out, methods=method_list, weights=grid,
                    eval_config=config, params=params, select_on=select_on, select_scorer=select_scorer,
                    asr_tolerance=asr_tolerance, refusal_tolerance=refusal_tolerance, save_best=save_best,

@@ -36,3 +36,8 @@ class EvalConfig(BaseModel):
     progress: bool = False
     judge_batch_size: int = Field(8, ge=1)
     device: str | None = Field(None, description="torch device; default cuda when available, else cpu")
+    # A permission to read the model's files, not a setting of the evaluation: left out of
+    # model_dump (sweep result keys hash the dump, so they stay the same as before).
+    allow_pickle: bool = Field(False, exclude=True,
+                               description="accept .bin (pickle) weights, loaded with "
+                                           "torch.load(weights_only=True)")

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mergesafe.checkpoint.atomic import atomic_output_dir
+from mergesafe.checkpoint.atomic import atomic_output_dir, check_output_dir
 from mergesafe.errors import UserError
 
 
@@ -31,11 +31,11 @@ def jsonable(obj: Any) -> Any:
 
 
 def check_out(out: Path, overwrite: bool) -> None:
-    """Fail before any work when the output folder exists and may not be replaced."""
+    """Fail before any work when the output folder exists and may not be replaced, or cannot be
+    made (a parent is a file)."""
     if out.exists() and not out.is_dir():
         raise UserError("output path exists and is not a folder", path=out)
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError("output folder exists and is not empty (pass --overwrite to replace it)", path=out)
+    check_output_dir(out, overwrite)
 
 
 def sha256_path(path: Path) -> str | None:

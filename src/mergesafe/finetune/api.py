@@ -54,6 +54,16 @@ def split_rows(rows: list[dict], val_size: float, seed: int) -> tuple[list[dict]
             [r for i, r in enumerate(rows) if i in val_idx])
 
 
+def _check_out_apart(out: Path, *inputs: Any) -> None:
+    """Refuse an OUT (or its OUT.partial) that is an input, holds one or lies inside one: the
+    run would replace or write into it.  Paths are compared resolved (``..``, symlinks)."""
+    from mergesafe.checkpoint.inputs import check_not_input
+
+    paths = [p for p in inputs if isinstance(p, (str, Path))]
+    check_not_input(out, paths)
+    check_not_input(workdir.work_dir_for(out), paths)
+
+
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -84,12 +94,19 @@ def finetune(model: str | Path, data: str | Path | list[dict], out: str | Path,
     t0 = time.perf_counter()
 
     # 1. everything that can be wrong with the input, before anything is written
+    _check_out_apart(out, model, data, cfg.chat_template)
     workdir.check_out(out, overwrite=cfg.overwrite, resume=cfg.resume)
+    from mergesafe.checkpoint.inputs import open_model, refuse_remote_code
+
+    refuse_remote_code(model)  # before transformers reads the folder: it would offer to run the code
     loaded = load_examples(data, cfg.format, cfg.system_prompt)
     need_template = any(ex.kind == "chat" for ex in loaded.examples)
     tok = load_tokenizer(model, cfg.chat_template, need_template=need_template)
     if not (model / "config.json").is_file():
         raise UserError("no config.json in the model folder", path=model)
+    # the weights: every header and shard validated, .bin only with allow_pickle (the trainer
+    # loads them after OUT.partial exists; a bad checkpoint is refused before that)
+    open_model(model, "--model", allow_pickle=cfg.allow_pickle).close()
     tokenized = tokenize_examples(tok, loaded.examples, cfg.max_length, loaded.source)
     if not tokenized.rows:
         raise UserError(f"no row has answer tokens within max_length={cfg.max_length}",
@@ -104,10 +121,25 @@ def finetune(model: str | Path, data: str | Path | list[dict], out: str | Path,
     # 2. train in OUT.partial (under `accelerate launch`, the main process owns the folders)
     from accelerate import PartialState
 
-    from mergesafe.finetune.trainer import save_model, train
-
     state = PartialState()
     state.wait_for_everyone()  # every process has checked OUT before the work folder appears
+    created = workdir.missing_parents(out)
+    try:
+        return _train_and_save(model, out, cfg, state, loaded, tok, tokenized, train_rows, val_rows,
+                               callbacks, started, t0)
+    except BaseException:
+        # nothing to resume from: no empty or half-written OUT.partial may stay behind
+        if state.is_main_process:
+            workdir.discard(out, created)
+        raise
+
+
+def _train_and_save(model: Path, out: Path, cfg: FinetuneConfig, state, loaded, tok, tokenized,
+                    train_rows: list[dict], val_rows: list[dict], callbacks: list[Any] | None,
+                    started: datetime, t0: float) -> Path:
+    """Steps 2 and 3 of `finetune`: train in OUT.partial, save, write the manifest, rename."""
+    from mergesafe.finetune.trainer import save_model, train
+
     if state.is_main_process:
         work, resume_from = workdir.prepare(out, overwrite=cfg.overwrite, resume=cfg.resume)
     state.wait_for_everyone()

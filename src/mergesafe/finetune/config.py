@@ -60,6 +60,9 @@ class FinetuneConfig(BaseModel):
     val_size: float = Field(0.1, ge=0, description="Fraction (< 1) or number of rows (>= 1).")
     system_prompt: str | None = None
     chat_template: Path | None = Field(None, description="Jinja file used when the model has none.")
+    allow_pickle: bool = Field(
+        False, description="Accept a model whose weights are .bin (pickle) files, loaded with "
+        "torch.load(weights_only=True); without it only safetensors weights are read.")
 
     # --- logging, checkpoints, output ----------------------------------------------------
     logging_steps: int = Field(10, ge=1)

@@ -148,7 +148,7 @@ def save_with_ema(trainer, tok, cfg, work: Path, saved_dtype: torch.dtype, ema: 
         from mergesafe.merge.api import merge
 
         merge(model_path, adapter_dir, target, method="linear", weight=1.0, dtype=saved_dtype,
-              allow_pickle=True)  # pre was loaded by transformers already
+              allow_pickle=cfg.allow_pickle)  # the user's choice, as for the training run
         (target / "mergesafe.json").unlink(missing_ok=True)
         adapter_dir.rename(target / "adapter")
     if main:

@@ -70,7 +70,7 @@ def load_tokenizer(model: str | Path, chat_template: str | Path | None = None,
     memory bounds (:func:`mergesafe.checkpoint.chat_template.check_chat_template`): a template that
     fails, hangs or explodes is a `UserError` naming its file.
     """
-    from transformers import AutoTokenizer
+    from mergesafe.checkpoint.hf_model import load_tokenizer as load_local_tokenizer
 
     model = Path(model)
     if not model.is_dir():
@@ -78,10 +78,7 @@ def load_tokenizer(model: str | Path, chat_template: str | Path | None = None,
     if not any((model / name).is_file() for name in _TOKENIZER_FILES):
         raise UserError("no tokenizer in the model folder (expected tokenizer.json or "
                         "tokenizer_config.json)", path=model)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(model))
-    except Exception as err:  # noqa: BLE001 - any failure to load is bad input
-        raise UserError(f"cannot load the tokenizer ({describe_template_error(err)})", path=model) from None
+    tok = load_local_tokenizer(model)  # no custom code (auto_map refused), one line on failure
     if chat_template is not None:
         tok.chat_template = read_chat_template(chat_template)
     if need_template and not tok.chat_template:

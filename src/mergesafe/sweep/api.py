@@ -66,9 +66,10 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
     trials whose key (inputs, method, parameters, λ, seed, evaluation settings) is already there.
     `overwrite=True` starts from an empty results file (the old one is removed).
     """
-    from mergesafe.checkpoint.hf_model import load_for_generation, load_tokenizer
+    from mergesafe.checkpoint.chat_template import chat_template_source, check_chat_template
+    from mergesafe.checkpoint.hf_model import load_tokenizer
     from mergesafe.checkpoint.inputs import check_not_input
-    from mergesafe.evaluate.api import evaluate_loaded, load_eval_sets, load_judge
+    from mergesafe.evaluate.api import load_eval_sets
     from mergesafe.merge.registry import validate_params
     from mergesafe.sweep.live import LiveMerge
 
@@ -108,16 +109,34 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
               "anchor": fingerprint(Path(anchor)) if anchor else None}
     live_inputs = LiveMerge.open_inputs(pre, posts, anchor=Path(anchor) if anchor else None,
                                         allow_pickle=allow_pickle)
+    tokenizer = load_tokenizer(_tokenizer_source(pre, posts))
+    check_chat_template(tokenizer, chat_template_source(tokenizer))
 
     if overwrite and (out / "results.jsonl").exists():
         (out / "results.jsonl").unlink()
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        store = ResultsStore(out)
-    except BaseException:
-        _remove_if_empty(out, created)
-        raise
+        return _run(out, pre, posts, anchor, live_inputs, tokenizer, sets, settings, inputs,
+                    methods, weights, checked, eval_config, select_set, asr_tolerance,
+                    refusal_tolerance, save_best, progress, seed, allow_pickle, title)
+    finally:  # a sweep that failed before its first trial leaves no empty OUT behind
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+
+def _run(out: Path, pre: Path, posts: list[Path], anchor: str | Path | None, live_inputs: Any,
+         tokenizer: Any, sets: Any, settings: dict[str, Any], inputs: dict[str, Any],
+         methods: list[str], weights: list[float], checked: dict[str, dict[str, Any]],
+         eval_config: Any, select_set: str | None, asr_tolerance: float,
+         refusal_tolerance: float, save_best: bool, progress: bool, seed: int,
+         allow_pickle: bool, title: str | None) -> SweepResult:
+    """The trials (those not already in OUT/results.jsonl), then the recommendation."""
+    from mergesafe.checkpoint.hf_model import load_for_generation
+    from mergesafe.evaluate.api import evaluate_loaded, load_judge
+    from mergesafe.sweep.live import LiveMerge
+
+    store = ResultsStore(out)
     notes = []
     if store.set_aside is not None:
         notes.append(f"{out / 'results.jsonl'} was written by an incompatible version; kept as "
@@ -131,16 +150,10 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
 
     computed = 0
     if todo:
-        try:
-            model, _ = load_for_generation(pre, device=eval_config.device,
-                                           allow_pickle=allow_pickle)
-            tokenizer = load_tokenizer(_tokenizer_source(pre, posts))
-            judge = load_judge(eval_config.judge, batch_size=eval_config.judge_batch_size,
-                               device=eval_config.device)
-            live = LiveMerge(model, live_inputs)
-        except BaseException:
-            _remove_if_empty(out, created)
-            raise
+        model, _ = load_for_generation(pre, device=eval_config.device, allow_pickle=allow_pickle)
+        judge = load_judge(eval_config.judge, batch_size=eval_config.judge_batch_size,
+                           device=eval_config.device)
+        live = LiveMerge(model, live_inputs)
         with _trial_progress(len(keyed), len(keyed) - len(todo), progress) as bar:
             for method, weight, p, key in todo:
                 t0 = time.perf_counter()
@@ -172,12 +185,6 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
     if save_best:
         result.best_model = _save_best(pre, posts, out / "best", rec, seed, allow_pickle, anchor)
     return result
-
-
-def _remove_if_empty(out: Path, created: bool) -> None:
-    """A sweep that failed before its first trial leaves no empty OUT behind."""
-    if created and out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
 
 
 def _best_so_far(rows: list[Row | None], asr_tolerance: float, refusal_tolerance: float,

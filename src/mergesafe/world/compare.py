@@ -93,7 +93,7 @@ def run_compare(work: Path, data: WorldData, cfg: WorldConfig, base: Base, pre: 
     LoRA adapter on it when given) with the demo's settings;
     `metrics_of(sweep_row_or_metrics) -> {"asr", "task", "over_refusal"}` reads the figures.
     """
-    from mergesafe.merge.api import merge
+    from mergesafe.api import merge
     from mergesafe.restore.harden import harden
 
     s = settings or CompareSettings()
