@@ -11,7 +11,12 @@ Public API (used by merge, finetune, sweep, world):
 * ``copy_model_files(src_dir, dst_dir, ...)`` (config, generation config, tokenizer, chat template)
 """
 
-from mergesafe.checkpoint.adapter import AdapterView, is_adapter_dir, open_adapter
+from mergesafe.checkpoint.adapter import (
+    AdapterView,
+    SuspiciousAdapterWarning,
+    is_adapter_dir,
+    open_adapter,
+)
 from mergesafe.checkpoint.atomic import Terminated, atomic_output_dir, check_output_dir, signals_raise
 from mergesafe.checkpoint.files import copy_model_files, copy_tokenizer_files, has_tokenizer
 from mergesafe.checkpoint.manifest import (
@@ -41,4 +46,5 @@ __all__ = [
     "has_tokenizer", "is_adapter_dir", "open_adapter", "open_checkpoint", "parse_size",
     "read_header", "read_manifest", "read_tensor", "save_file", "sha256_file", "signals_raise",
     "versions", "write_manifest",
+    "SuspiciousAdapterWarning",
 ]

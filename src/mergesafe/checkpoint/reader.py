@@ -244,6 +244,15 @@ def _contained_name(fname: object, index_path: Path) -> str:
 
 
 def open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
+    """Open a Hugging Face model folder lazily (see :func:`_open_checkpoint`); an OS error
+    (a name too long for the file system, a folder that cannot be listed) is a UserError."""
+    try:
+        return _open_checkpoint(path, allow_pickle)
+    except OSError as err:
+        raise UserError(f"cannot read: {err.strerror or err}", err.filename or path) from None
+
+
+def _open_checkpoint(path: str | Path, allow_pickle: bool = False) -> Checkpoint:
     """Open a Hugging Face model folder lazily.  Raises :class:`UserError` for anything unusable.
 
     Accepted: ``model.safetensors``; shards + ``model.safetensors.index.json``; with

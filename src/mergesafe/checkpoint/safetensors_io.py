@@ -50,6 +50,8 @@ for _tag, _name in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
 TORCH_TO_ST: dict[torch.dtype, str] = {v: k for k, v in ST_TO_TORCH.items()}
 
 MAX_HEADER = 100 * 1024 * 1024  # the same limit as the safetensors library
+MAX_RANK = 64  # no real tensor comes close; keeps hostile shapes cheap to check
+MAX_ELEMENTS = 2**48  # a shape whose (non-zero) dimensions multiply past this is absurd
 
 
 @dataclass(frozen=True)
@@ -68,10 +70,102 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
+def _short(value: object, limit: int = 100) -> str:
+    """``repr(value)`` cut to ``limit`` characters: user values echoed in errors stay short (and
+    cheap: long strings and containers are cut before ``repr``)."""
+    if isinstance(value, str):
+        value = value[:limit]
+    elif isinstance(value, (list, tuple)):
+        value = value[:limit // 2]
+    elif isinstance(value, dict):
+        value = dict(list(value.items())[:limit // 4])
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # deeply nested, or an int too long to print
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicates(pairs: list) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {_short(key)}")
+        out[key] = value
+    return out
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _parse_header_json(raw: bytes, path: Path) -> dict:
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant,
+                            object_pairs_hook=_no_duplicates)
+    except UnicodeDecodeError as err:
+        raise UserError(f"corrupted safetensors header: not UTF-8 (byte {err.start})", path) from None
+    except ValueError as err:  # JSONDecodeError, NaN/Infinity, duplicates, ints of > 4300 digits
+        msg = " ".join(str(err).split())
+        raise UserError(f"corrupted safetensors header: {msg[:120]}", path) from None
+    except RecursionError:
+        raise UserError("corrupted safetensors header: JSON nested too deeply", path) from None
+    if not isinstance(header, dict):
+        raise UserError("corrupted safetensors header: not a JSON object", path)
+    return header
+
+
+def _parse_metadata(metadata: object, path: Path) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError("corrupted safetensors header: __metadata__ must map strings to strings",
+                        path)
+    return metadata
+
+
+def _parse_entry(name: str, entry: object, path: Path) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """Validate one tensor entry; returns ``(dtype, shape, begin, end)``."""
+    where = f"corrupted safetensors header: tensor {_short(name)}"
+    if not isinstance(entry, dict):
+        raise UserError(f"{where}: expected an object with dtype, shape and data_offsets, got "
+                        f"{type(entry).__name__}", path)
+    for key in ("dtype", "shape", "data_offsets"):
+        if key not in entry:
+            raise UserError(f"{where} lacks {key!r}", path)
+    tag = entry["dtype"]
+    if not isinstance(tag, str) or tag not in ST_TO_TORCH:
+        raise UserError(f"{where} has an unknown dtype {_short(tag, 40)}", path)
+    shape = entry["shape"]
+    if (not isinstance(shape, list) or len(shape) > MAX_RANK
+            or not all(_is_int(s) and s >= 0 for s in shape)):
+        raise UserError(f"{where}: shape must be a list of at most {MAX_RANK} non-negative "
+                        f"integers, got {_short(shape, 60)}", path)
+    offsets = entry["data_offsets"]
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) for x in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise UserError(f"{where}: data_offsets must be two integers 0 <= begin <= end, got "
+                        f"{_short(offsets, 60)}", path)
+    span = 1
+    for s in shape:
+        span *= max(s, 1)
+        if span > MAX_ELEMENTS:
+            raise UserError(f"{where}: absurd shape {_short(shape, 60)}", path)
+    return ST_TO_TORCH[tag], tuple(shape), offsets[0], offsets[1]
+
+
 def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header; return ``({name: TensorInfo}, metadata)``.
 
-    Raises :class:`UserError` naming the file for a bad header or a wrong file length.
+    Raises :class:`UserError` naming the file for a bad header or a wrong file length: anything
+    but a JSON object of ``{dtype: known tag, shape: [int >= 0, ...], data_offsets: [begin, end]}``
+    entries (plus an optional ``__metadata__`` of strings) whose byte counts match their shapes and
+    whose data exactly tiles the rest of the file.  JSON ``NaN``/``Infinity``, floats, booleans
+    and duplicate keys are refused, as the safetensors library does.
     """
     path = Path(path)
     try:
@@ -88,35 +182,23 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
             raw = f.read(n)
     except OSError as err:
         raise UserError(f"cannot read: {err.strerror or err}", path) from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (UnicodeDecodeError, ValueError) as err:
-        raise UserError(f"corrupted safetensors header: {err}", path) from None
-    metadata = header.pop("__metadata__", None) or {}
+    if len(raw) != n:
+        raise UserError("truncated safetensors file: the header is cut short", path)
+    header = _parse_header_json(raw, path)
+    metadata = _parse_metadata(header.pop("__metadata__", None), path)
     data_start = 8 + n
     data_len = size - data_start
     infos: dict[str, TensorInfo] = {}
     spans = []
     for name, entry in header.items():
-        try:
-            dtype = ST_TO_TORCH[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except KeyError as err:
-            raise UserError(f"corrupted safetensors header: tensor {name!r} lacks or has an unknown "
-                            f"{err.args[0]!r}", path) from None
-        except (TypeError, ValueError):
-            raise UserError(f"corrupted safetensors header: bad entry for tensor {name!r}", path) from None
-        if any(s < 0 for s in shape) or not 0 <= begin <= end:
-            raise UserError(f"corrupted safetensors header: bad shape or offsets for tensor {name!r}", path)
-        nbytes = math.prod(shape) * dtype.itemsize
+        dtype, shape, begin, end = _parse_entry(name, entry, path)
+        numel = 0 if 0 in shape else math.prod(shape)
+        nbytes = numel * dtype.itemsize
         if end - begin != nbytes:
-            raise UserError(f"corrupted safetensors header: tensor {name!r} has {end - begin} bytes "
-                            f"for shape {list(shape)} {entry['dtype']}", path)
+            raise UserError(f"corrupted safetensors header: tensor {_short(name)} has {end - begin} "
+                            f"bytes for shape {_short(list(shape), 60)} {entry['dtype']} (expected {nbytes})", path)
         if end > data_len:
-            raise UserError(f"truncated safetensors file: tensor {name!r} ends at byte "
+            raise UserError(f"truncated safetensors file: tensor {_short(name)} ends at byte "
                             f"{data_start + end} but the file has {size} bytes", path)
         spans.append((begin, end))
         infos[name] = TensorInfo(name, path, data_start + begin, nbytes, dtype, shape)
@@ -129,7 +211,7 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
     if expected != data_len:
         raise UserError(f"corrupted safetensors file: header describes {expected} bytes of data, the "
                         f"file has {data_len}", path)
-    return infos, {str(k): str(v) for k, v in metadata.items()}
+    return infos, dict(metadata)
 
 
 def read_tensor(info: TensorInfo, fd: int | None = None,

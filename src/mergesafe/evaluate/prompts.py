@@ -125,6 +125,8 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
                 raise UserError(f"line {lineno}: malformed JSON ({err.msg})", path=path) from None
+            except ValueError as err:  # an integer of over 4300 digits
+                raise UserError(f"line {lineno}: malformed JSON ({str(err)[:100]})", path=path) from None
             except RecursionError:
                 raise UserError(f"line {lineno}: JSON nested too deeply", path=path) from None
             yield lineno, _as_record(obj, path, f"line {lineno}")
@@ -140,6 +142,10 @@ def _read_json(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise UserError(f"line {err.lineno}: malformed JSON ({err.msg})", path=path) from None
+    except UnicodeDecodeError:
+        raise
+    except ValueError as err:  # an integer of over 4300 digits
+        raise UserError(f"malformed JSON ({str(err)[:100]})", path=path) from None
     except RecursionError:
         raise UserError("JSON nested too deeply", path=path) from None
     if isinstance(data, dict):

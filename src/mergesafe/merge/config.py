@@ -156,7 +156,10 @@ def _load_yaml(path: Path) -> dict:
     if _flow_depth(text) > MAX_FLOW_DEPTH:
         raise UserError(f"invalid YAML: nested too deeply (more than {MAX_FLOW_DEPTH} levels of [ or {{)",
                         path)
-    loader = _BoundedLoader(text)
+    try:
+        loader = _BoundedLoader(text)  # the reader checks the characters at once
+    except yaml.YAMLError as err:  # a control character
+        raise UserError(f"invalid YAML: {str(err).splitlines()[0][:MAX_ECHO]}", path) from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -335,16 +338,12 @@ def build_config_plan(config_path: str | Path, *, seed: int = 0, allow_pickle: b
     path = Path(config_path).expanduser()
     try:
         return _build_config_plan(path, seed=seed, allow_pickle=allow_pickle, dtype=dtype)
-    except UserError as err:
-        message = str(err)
-        if err.path is not None and message.startswith(f"{err.path}: "):
-            message = message[len(err.path) + 2:]
-        if err.path is not None and len(message) <= MAX_MESSAGE and "\n" not in message:
+    except UserError as err:  # one bounded line already (see mergesafe.errors); name the file
+        if err.path is not None:
             raise
-        message = " ".join(message.split())
-        if len(message) > MAX_MESSAGE:
-            message = message[:MAX_MESSAGE - 3] + "..."
-        raise UserError(message, err.path if err.path is not None else path) from None
+        raise UserError(err.problem, path) from None
+    except OSError as err:  # a path too long for the file system, ...
+        raise UserError(f"cannot read a file it names: {err.strerror or err}", path) from None
 
 
 def _build_config_plan(path: Path, *, seed: int, allow_pickle: bool,
