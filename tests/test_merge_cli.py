@@ -358,7 +358,10 @@ def test_existing_output_is_refused_unless_overwrite(tiny_pre, tiny_post, tmp_pa
 def test_interrupted_merge_leaves_no_partial_output(tiny_pre, tiny_post, tmp_path):
     out = tmp_path / "out"
     script = textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        # a shell runs background jobs with SIGINT ignored; Python then never raises
+        # KeyboardInterrupt: give the child the handler a terminal user has
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from mergesafe.checkpoint import safetensors_io
         real = safetensors_io.StreamingShardWriter.write_part
         def slow(self, name, tensor, **kw):
