@@ -12,25 +12,44 @@ cut at `MAX_PROBLEM` characters and the path at `MAX_PATH` (keeping its start an
 from __future__ import annotations
 
 import re
+import reprlib
 from pathlib import Path
+from typing import Any
 
 MAX_PROBLEM = 300
 MAX_PATH = 160
 _LINE_BREAKS = re.compile("[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]+")
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = 100
+_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 6
+_REPR.maxlevel = 3
+
+
 def one_line(text: str, limit: int) -> str:
-    """`text` on one line, cut to `limit` characters (an ellipsis marks the cut)."""
+    """`text` on one line, cut to `limit` characters ("..." marks the cut)."""
     text = _LINE_BREAKS.sub(" ", text).strip()
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _short_path(path: str) -> str:
-    path = _LINE_BREAKS.sub(" ", path)
-    if len(path) <= MAX_PATH:
-        return path
-    head = MAX_PATH // 3
-    return path[:head] + "…" + path[-(MAX_PATH - head - 1):]
+def echo(value: Any, limit: int = 100) -> str:
+    """A user value (from a file, a flag) quoted in a message: its repr, bounded however long or
+    deeply nested the value is, on one line of at most `limit` characters."""
+    try:
+        text = _REPR.repr(value)
+    except (RecursionError, ValueError):  # nested too deeply, an int too long to print
+        text = f"<{type(value).__name__}>"
+    return one_line(text, limit)
+
+
+def short_path(path: str | Path, limit: int = MAX_PATH) -> str:
+    """A path for a message: its start and its end when it is longer than `limit`."""
+    text = _LINE_BREAKS.sub(" ", str(path))
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    return text[:head] + "..." + text[-(limit - head - 3):]
 
 
 class UserError(Exception):
@@ -42,4 +61,4 @@ class UserError(Exception):
         self.path = None if path is None else str(path)
         problem = one_line(str(message), MAX_PROBLEM)
         self.problem = problem  # the message without the path
-        super().__init__(f"{_short_path(self.path)}: {problem}" if self.path is not None else problem)
+        super().__init__(f"{short_path(self.path)}: {problem}" if self.path is not None else problem)

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from mergesafe.checkpoint.reader import Checkpoint, _load_bin, open_checkpoint, read_json
-from mergesafe.checkpoint.safetensors_io import _short, read_header, read_tensor
-from mergesafe.errors import UserError
+from mergesafe.checkpoint.safetensors_io import read_header, read_tensor
+from mergesafe.errors import UserError, echo, short_path
 
 PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)(?:\.weight)?$")
@@ -58,7 +58,7 @@ def _regex(pattern: str, field: str, where: Path) -> re.Pattern:
     try:
         return re.compile(pattern)
     except (re.error, RecursionError, OverflowError, ValueError):
-        raise UserError(f"{field}: {_short(pattern, 60)} is not a valid regular expression",
+        raise UserError(f"{field}: {echo(pattern, 60)} is not a valid regular expression",
                         where) from None
 
 
@@ -76,12 +76,12 @@ class LoraSettings:
         self.where = where
         peft_type = cfg.get("peft_type")
         if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
-            raise UserError(f"peft_type {_short(peft_type, 40)} is not supported (only LORA)", where)
+            raise UserError(f"peft_type {echo(peft_type, 40)} is not supported (only LORA)", where)
         flags = {}
         for key in ("use_dora", "lora_bias", "use_rslora", "fan_in_fan_out"):
             value = cfg.get(key)
             if value is not None and not isinstance(value, bool):
-                raise UserError(f"{key} must be true or false, got {_short(value, 40)}", where)
+                raise UserError(f"{key} must be true or false, got {echo(value, 40)}", where)
             flags[key] = bool(value)
         if flags["use_dora"]:
             raise UserError("DoRA adapters (use_dora) are not supported", where)
@@ -103,30 +103,30 @@ class LoraSettings:
         elif targets is not None and not (isinstance(targets, list)
                                           and all(isinstance(t, str) for t in targets)):
             raise UserError(f"target_modules must be a string or a list of strings, got "
-                            f"{_short(targets, 60)}", where)
+                            f"{echo(targets, 60)}", where)
         self.target_modules: str | list[str] | None = targets
         self.layer_filter = bool(cfg.get("layers_to_transform") or cfg.get("layers_pattern")
                                  or cfg.get("exclude_modules"))
         saved = cfg.get("modules_to_save")
         if saved is not None and not (isinstance(saved, list)
                                       and all(isinstance(t, str) for t in saved)):
-            raise UserError(f"modules_to_save must be a list of strings, got {_short(saved, 60)}",
+            raise UserError(f"modules_to_save must be a list of strings, got {echo(saved, 60)}",
                             where)
         base = cfg.get("base_model_name_or_path")
         if base is not None and not isinstance(base, str):
-            raise UserError(f"base_model_name_or_path must be a string, got {_short(base, 60)}",
+            raise UserError(f"base_model_name_or_path must be a string, got {echo(base, 60)}",
                             where)
         self.base_model = base.strip() if base else None
 
     def _rank(self, value: object, field: str) -> int:
         if not _is_int(value) or value <= 0:
-            raise UserError(f"{field} must be a positive integer, got {_short(value, 40)}",
+            raise UserError(f"{field} must be a positive integer, got {echo(value, 40)}",
                             self.where)
         return value
 
     def _alpha(self, value: object, field: str) -> float:
         if not _is_number(value) or not math.isfinite(value):
-            raise UserError(f"{field} must be a finite number, got {_short(value, 40)}", self.where)
+            raise UserError(f"{field} must be a finite number, got {echo(value, 40)}", self.where)
         return float(value)
 
     def _patterns(self, cfg: dict, field: str, check) -> dict:
@@ -135,10 +135,10 @@ class LoraSettings:
             return {}
         if not isinstance(patterns, dict):
             raise UserError(f"{field} must be an object mapping module patterns to values, got "
-                            f"{_short(patterns, 60)}", self.where)
+                            f"{echo(patterns, 60)}", self.where)
         for key, value in patterns.items():
             _regex(rf"(.*\.)?({key})$", field, self.where)
-            check(value, f"{field}[{_short(key, 40)}]")
+            check(value, f"{field}[{echo(key, 40)}]")
         return patterns
 
     def targets(self, module: str) -> bool:
@@ -234,56 +234,56 @@ class AdapterView:
                 ab = parts.setdefault(module, {})
                 letter = "A" if part.endswith("A") else "B"
                 if letter in ab:
-                    raise UserError(f"module {_short(module)} has two lora_{letter} tensors",
+                    raise UserError(f"module {echo(module)} has two lora_{letter} tensors",
                                     self.weight_file)
                 ab[letter] = key
                 emb = part.startswith("lora_embedding")
                 if embedding.setdefault(module, emb) != emb:
-                    raise UserError(f"module {_short(module)} mixes lora_embedding and lora_A/B "
+                    raise UserError(f"module {echo(module)} mixes lora_embedding and lora_A/B "
                                     "tensors", self.weight_file)
                 continue
             if "lora_magnitude_vector" in name:
                 raise UserError("DoRA adapters are not supported", self.weight_file)
             if "lora_" in name or "token_adapter" in name or "trainable_tokens" in name:
-                raise UserError(f"unsupported adapter tensor {_short(key)}", self.weight_file)
+                raise UserError(f"unsupported adapter tensor {echo(key)}", self.weight_file)
             # modules_to_save: a full tensor that replaces the base one
             if name not in self.base:
-                raise UserError(f"adapter does not fit pre: saved tensor {_short(name)} is not in "
+                raise UserError(f"adapter does not fit pre: saved tensor {echo(name)} is not in "
                                 f"pre {self.base.dir}", self.weight_file)
             if name in self.saved_modules:
-                raise UserError(f"tensor {_short(name)} is saved twice", self.weight_file)
+                raise UserError(f"tensor {echo(name)} is saved twice", self.weight_file)
             self.saved_modules[name] = key
         if not parts and not self.saved_modules:
             raise UserError("adapter holds no LoRA tensors", self.weight_file)
         for module, ab in parts.items():
             if set(ab) != {"A", "B"}:
-                raise UserError(f"module {_short(module)} has lora_{'A' if 'B' in ab else 'B'} "
+                raise UserError(f"module {echo(module)} has lora_{'A' if 'B' in ab else 'B'} "
                                 "missing", self.weight_file)
             a_shape, b_shape = self.raw_shape(ab["A"]), self.raw_shape(ab["B"])
             if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-                raise UserError(f"module {_short(module)}: LoRA factors of shapes {list(a_shape)} "
+                raise UserError(f"module {echo(module)}: LoRA factors of shapes {list(a_shape)} "
                                 f"and {list(b_shape)} do not multiply", self.weight_file)
             r = a_shape[0]
             alpha = _pattern_value(cfg.alpha_pattern, module, cfg.alpha)
             r_cfg = _pattern_value(cfg.rank_pattern, module, cfg.r)
             if r_cfg != r:
-                raise UserError(f"module {_short(module)}: LoRA rank {r} does not match r={r_cfg} "
+                raise UserError(f"module {echo(module)}: LoRA rank {r} does not match r={r_cfg} "
                                 "in the adapter config", self.weight_file)
             lm = LoraModule(module, ab["A"], ab["B"], embedding[module], r, float(alpha),
                             cfg.rslora, cfg.fan_in_fan_out)
             if lm.target not in self.base:
-                raise UserError(f"adapter does not fit pre: module {_short(module)} has no weight "
-                                f"{_short(lm.target)} in pre {self.base.dir}", self.weight_file)
+                raise UserError(f"adapter does not fit pre: module {echo(module)} has no weight "
+                                f"{echo(lm.target)} in pre {self.base.dir}", self.weight_file)
             delta_shape = (b_shape[0], a_shape[1])
             if lm.transpose:
                 delta_shape = delta_shape[::-1]
             base_shape = tuple(self.base.shape(lm.target))
             if base_shape != delta_shape:
-                raise UserError(f"adapter does not fit pre: {_short(lm.target)} is "
+                raise UserError(f"adapter does not fit pre: {echo(lm.target)} is "
                                 f"{list(base_shape)} in pre but the LoRA delta is "
                                 f"{list(delta_shape)}", self.weight_file)
             if lm.target in self.saved_modules:
-                raise UserError(f"tensor {_short(lm.target)} is both LoRA-adapted and saved in full",
+                raise UserError(f"tensor {echo(lm.target)} is both LoRA-adapted and saved in full",
                                 self.weight_file)
             self.lora_modules[lm.target] = lm
         self._check_suspicious(cfg, where)
@@ -294,7 +294,7 @@ class AdapterView:
         zero = [lm.module for lm in mods if lm.scale == 0]
         if zero:
             what = "every LoRA module" if len(zero) == len(mods) else \
-                f"{len(zero)} of {len(mods)} LoRA modules (such as {_short(zero[0])})"
+                f"{len(zero)} of {len(mods)} LoRA modules (such as {echo(zero[0])})"
             _warn(f"lora_alpha is 0 for {what}: the adapter leaves them unchanged", where)
         targets = cfg.target_modules
         if mods and targets is not None and targets != "all-linear":
@@ -317,16 +317,16 @@ class AdapterView:
                 detail = []
                 if untargeted:
                     detail.append(f"{len(untargeted)} LoRA module(s) in the weights, such as "
-                                  f"{_short(untargeted[0])}, are not in target_modules")
+                                  f"{echo(untargeted[0])}, are not in target_modules")
                 if unused:
-                    detail.append(f"target(s) {_short(unused[0])}"
+                    detail.append(f"target(s) {echo(unused[0])}"
                                   f"{f' and {len(unused) - 1} more' if len(unused) > 1 else ''} "
                                   "match no LoRA module in the weights")
                 _warn(f"target_modules do not match the adapter weights: {'; '.join(detail)}",
                       where)
         if cfg.base_model and not _same_model(cfg.base_model, self.base):
-            _warn(f"base_model_name_or_path {_short(cfg.base_model)} does not look like pre "
-                  f"{_short(str(self.base.dir))}: the adapter may have been trained on another "
+            _warn(f"base_model_name_or_path {echo(cfg.base_model)} does not look like pre "
+                  f"{echo(str(self.base.dir))}: the adapter may have been trained on another "
                   "model", where)
 
     # -- checkpoint interface ---------------------------------------------------------------
@@ -464,11 +464,6 @@ def _same_weights(folder: Path, base) -> bool:
         other.close()
 
 
-def _short_path(path: Path, limit: int = 160) -> str:
-    text = str(path)
-    return text if len(text) <= limit else f"{text[:limit - 60]}...{text[-57:]}"
-
-
 def open_adapter(adapter_dir: str | Path, base_checkpoint: Checkpoint | str | Path,
                  allow_pickle: bool = False) -> AdapterView:
     """Open a PEFT LoRA adapter folder as a full post checkpoint on top of ``base_checkpoint``."""
@@ -478,12 +473,12 @@ def open_adapter(adapter_dir: str | Path, base_checkpoint: Checkpoint | str | Pa
     binf = adapter_dir / "adapter_model.bin"
     try:
         if not adapter_dir.exists():
-            raise UserError("no such file or folder", _short_path(adapter_dir))
+            raise UserError("no such file or folder", short_path(adapter_dir))
         if not cfg_path.is_file():
             raise UserError("not a PEFT adapter folder: adapter_config.json is missing", adapter_dir)
         has_st, has_bin = st.is_file(), binf.is_file()
     except OSError as err:  # a name too long, a loop of links, no permission
-        raise UserError(f"cannot access: {err.strerror or err}", _short_path(adapter_dir)) from None
+        raise UserError(f"cannot access: {err.strerror or err}", short_path(adapter_dir)) from None
     base = (base_checkpoint if not isinstance(base_checkpoint, (str, Path))
             else open_checkpoint(base_checkpoint, allow_pickle=allow_pickle))
     try:

@@ -32,7 +32,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from mergesafe.errors import UserError
+from mergesafe.errors import UserError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -198,15 +198,14 @@ done(None, errors)
 '''
 
 
-def _short(text: str) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= _ECHO else text[:_ECHO - 3] + "..."
+def _one_line(text: str) -> str:
+    return one_line(str(text), _ECHO)
 
 
 def describe_template_error(err: BaseException) -> str:
     """`Type: message` of an error from rendering a chat template, one line, cut short."""
     msg = getattr(err, "message", None) or str(err)
-    return _short(f"{type(err).__name__}: {msg}" if msg else type(err).__name__)
+    return _one_line(f"{type(err).__name__}: {msg}" if msg else type(err).__name__)
 
 
 def chat_template_source(tokenizer: Any) -> str:
@@ -220,7 +219,7 @@ def chat_template_source(tokenizer: Any) -> str:
                     return str(folder / fname)
             except (OSError, ValueError):  # a name too long for a path, a NUL byte
                 break
-        return _short(name)
+        return _one_line(name)
     return "<tokenizer>"
 
 
@@ -305,7 +304,7 @@ def _probe(template: str, tokens: dict[str, Any]) -> str | None:
                 f"to render a short test conversation (the check ended with code {proc.returncode})")
     fatal = result.get("fatal")
     if fatal:
-        kind, detail = fatal[0], _short(fatal[1]) if len(fatal) > 1 else ""
+        kind, detail = fatal[0], _one_line(fatal[1]) if len(fatal) > 1 else ""
         return {
             "syntax": f"the chat template is not valid Jinja ({detail})",
             "security": f"the chat template was refused by the Jinja sandbox ({detail})",
@@ -323,5 +322,5 @@ def _probe(template: str, tokens: dict[str, Any]) -> str | None:
         if len(errs) >= 2:
             _, etype, emsg = errs[0]
             return (f"the chat template cannot render a short test conversation "
-                    f"({_short(f'{etype}: {emsg}')})")
+                    f"({_one_line(f'{etype}: {emsg}')})")
     return None

@@ -23,7 +23,7 @@ import torch
 
 from mergesafe.checkpoint.adapter import open_adapter
 from mergesafe.checkpoint.inputs import open_model, refuse_remote_code
-from mergesafe.errors import UserError
+from mergesafe.errors import UserError, one_line
 
 PathLike = str | Path
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -159,6 +159,5 @@ def _has_safetensors(folder: Path) -> bool:
     return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
 
 
-def _first_line(err: BaseException, limit: int = 300) -> str:
-    text = (str(err).strip().splitlines() or [""])[0]
-    return text if len(text) <= limit else text[:limit] + "…"
+def _first_line(err: BaseException) -> str:
+    return one_line((str(err).strip().splitlines() or [""])[0], 300)

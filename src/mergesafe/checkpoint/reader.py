@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 
 from mergesafe.checkpoint.safetensors_io import TensorInfo, read_header, read_tensor
-from mergesafe.errors import UserError
+from mergesafe.errors import UserError, echo
 
 #: Files that make up a model besides its weights (copied to merged outputs, hashed in manifests).
 CONFIG_FILES = ("config.json", "generation_config.json")
@@ -219,14 +219,9 @@ def _load_index(index_path: Path) -> dict[str, Path]:
     for name, fname in wm.items():
         p = index_path.parent / _contained_name(fname, index_path)
         if not p.is_file():
-            raise UserError(f"shard {_short(fname)} listed in the index is missing", index_path)
+            raise UserError(f"shard {echo(fname, 80)} listed in the index is missing", index_path)
         out[str(name)] = p
     return out
-
-
-def _short(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _contained_name(fname: object, index_path: Path) -> str:
@@ -235,10 +230,10 @@ def _contained_name(fname: object, index_path: Path) -> str:
     Absolute paths and ``..`` are refused (they would read other models' shards or any file);
     symlinked shards inside the folder (the Hugging Face cache layout) are fine."""
     if not isinstance(fname, str) or not fname or "\x00" in fname:
-        raise UserError(f"index weight_map value {_short(fname)} is not a file name", index_path)
+        raise UserError(f"index weight_map value {echo(fname, 80)} is not a file name", index_path)
     rel = Path(fname)
     if rel.is_absolute() or ".." in rel.parts or fname.startswith("~"):
-        raise UserError(f"index weight_map points outside the model folder: {_short(fname)}",
+        raise UserError(f"index weight_map points outside the model folder: {echo(fname, 80)}",
                         index_path)
     return fname
 

@@ -28,7 +28,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from mergesafe.errors import UserError
+from mergesafe.errors import UserError, echo
 
 # safetensors dtype tag <-> torch dtype
 ST_TO_TORCH: dict[str, torch.dtype] = {
@@ -70,22 +70,6 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-def _short(value: object, limit: int = 100) -> str:
-    """``repr(value)`` cut to ``limit`` characters: user values echoed in errors stay short (and
-    cheap: long strings and containers are cut before ``repr``)."""
-    if isinstance(value, str):
-        value = value[:limit]
-    elif isinstance(value, (list, tuple)):
-        value = value[:limit // 2]
-    elif isinstance(value, dict):
-        value = dict(list(value.items())[:limit // 4])
-    try:
-        text = repr(value)
-    except (RecursionError, ValueError):  # deeply nested, or an int too long to print
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON")
 
@@ -94,7 +78,7 @@ def _no_duplicates(pairs: list) -> dict:
     out = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key {_short(key)}")
+            raise ValueError(f"duplicate key {echo(key)}")
         out[key] = value
     return out
 
@@ -130,7 +114,7 @@ def _parse_metadata(metadata: object, path: Path) -> dict[str, str]:
 
 def _parse_entry(name: str, entry: object, path: Path) -> tuple[torch.dtype, tuple[int, ...], int, int]:
     """Validate one tensor entry; returns ``(dtype, shape, begin, end)``."""
-    where = f"corrupted safetensors header: tensor {_short(name)}"
+    where = f"corrupted safetensors header: tensor {echo(name)}"
     if not isinstance(entry, dict):
         raise UserError(f"{where}: expected an object with dtype, shape and data_offsets, got "
                         f"{type(entry).__name__}", path)
@@ -139,22 +123,22 @@ def _parse_entry(name: str, entry: object, path: Path) -> tuple[torch.dtype, tup
             raise UserError(f"{where} lacks {key!r}", path)
     tag = entry["dtype"]
     if not isinstance(tag, str) or tag not in ST_TO_TORCH:
-        raise UserError(f"{where} has an unknown dtype {_short(tag, 40)}", path)
+        raise UserError(f"{where} has an unknown dtype {echo(tag, 40)}", path)
     shape = entry["shape"]
     if (not isinstance(shape, list) or len(shape) > MAX_RANK
             or not all(_is_int(s) and s >= 0 for s in shape)):
         raise UserError(f"{where}: shape must be a list of at most {MAX_RANK} non-negative "
-                        f"integers, got {_short(shape, 60)}", path)
+                        f"integers, got {echo(shape, 60)}", path)
     offsets = entry["data_offsets"]
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(x) for x in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
         raise UserError(f"{where}: data_offsets must be two integers 0 <= begin <= end, got "
-                        f"{_short(offsets, 60)}", path)
+                        f"{echo(offsets, 60)}", path)
     span = 1
     for s in shape:
         span *= max(s, 1)
         if span > MAX_ELEMENTS:
-            raise UserError(f"{where}: absurd shape {_short(shape, 60)}", path)
+            raise UserError(f"{where}: absurd shape {echo(shape, 60)}", path)
     return ST_TO_TORCH[tag], tuple(shape), offsets[0], offsets[1]
 
 
@@ -195,10 +179,10 @@ def read_header(path: str | Path) -> tuple[dict[str, TensorInfo], dict[str, str]
         numel = 0 if 0 in shape else math.prod(shape)
         nbytes = numel * dtype.itemsize
         if end - begin != nbytes:
-            raise UserError(f"corrupted safetensors header: tensor {_short(name)} has {end - begin} "
-                            f"bytes for shape {_short(list(shape), 60)} {entry['dtype']} (expected {nbytes})", path)
+            raise UserError(f"corrupted safetensors header: tensor {echo(name)} has {end - begin} "
+                            f"bytes for shape {echo(list(shape), 60)} {entry['dtype']} (expected {nbytes})", path)
         if end > data_len:
-            raise UserError(f"truncated safetensors file: tensor {_short(name)} ends at byte "
+            raise UserError(f"truncated safetensors file: tensor {echo(name)} ends at byte "
                             f"{data_start + end} but the file has {size} bytes", path)
         spans.append((begin, end))
         infos[name] = TensorInfo(name, path, data_start + begin, nbytes, dtype, shape)

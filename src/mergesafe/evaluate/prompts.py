@@ -15,13 +15,12 @@ import csv
 import itertools
 import json
 import random
-import reprlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mergesafe.errors import UserError
+from mergesafe.errors import UserError, echo
 
 PROMPT_COLUMNS = ("prompt", "goal", "behavior", "instruction", "question", "query", "request",
                   "input", "user", "message", "text", "content")
@@ -29,16 +28,6 @@ CATEGORY_COLUMNS = ("category", "semanticcategory", "semantic_category", "type")
 REFERENCE_COLUMNS = ("answer", "reference", "target", "label", "output", "solution", "gold",
                      "correct_answer")
 LABEL_COLUMN = "label"
-
-_REPR = reprlib.Repr()
-_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxlevel = 40, 40, 12, 2
-
-
-def _short(value: Any, limit: int = 160) -> str:
-    """A repr of user data (a column name, the list of columns) for a message, cut short."""
-    text = _REPR.repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
 
 @dataclass(frozen=True)
 class PromptRow:
@@ -92,7 +81,7 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]
             raise UserError(f"line 1: malformed CSV ({err})", path=path) from None
         header = [h.strip() for h in header]
         if len(set(header)) != len(header):
-            raise UserError(f"duplicate column names in header {_short(header)}", path=path)
+            raise UserError(f"duplicate column names in header {echo(header, 160)}", path=path)
         while True:
             try:
                 values = next(reader)
@@ -197,7 +186,7 @@ def _read_datasets_dir(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as err:  # datasets raises FileNotFoundError / ValueError variants
-        raise UserError(f"not a `datasets` folder saved with save_to_disk ({_short(str(err), 100)})",
+        raise UserError(f"not a `datasets` folder saved with save_to_disk ({echo(str(err), 100)})",
                         path=path) from None
     if isinstance(ds, datasets.DatasetDict):
         splits = list(ds)
@@ -206,7 +195,7 @@ def _read_datasets_dir(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         elif len(splits) == 1:
             ds = ds[splits[0]]
         else:
-            raise UserError(f"a DatasetDict with splits {_short(splits)} and no 'test' split; "
+            raise UserError(f"a DatasetDict with splits {echo(splits, 160)} and no 'test' split; "
                             "save the split to use", path=path)
     for i, record in enumerate(ds, start=1):
         yield i, dict(record)
@@ -230,7 +219,7 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         return _utf8_checked(path, _read_json(path))
     if suffix == ".txt":
         return _utf8_checked(path, _read_txt(path))
-    raise UserError(f"unknown prompt-set format {_short(suffix)} (use .csv, .tsv, .jsonl, .json, .txt "
+    raise UserError(f"unknown prompt-set format {echo(suffix, 160)} (use .csv, .tsv, .jsonl, .json, .txt "
                     "or a `datasets` folder)", path=path)
 
 
@@ -244,13 +233,13 @@ def _find_column(columns: Sequence[str], wanted: str | None, candidates: Sequenc
             return wanted
         if wanted.lower() in by_lower:
             return by_lower[wanted.lower()]
-        raise UserError(f"no {what} column {_short(wanted)}; the columns are {_short(list(columns))}",
+        raise UserError(f"no {what} column {echo(wanted, 160)}; the columns are {echo(list(columns), 160)}",
                         path=path)
     for name in candidates:
         if name in by_lower:
             return by_lower[name]
     if required:
-        raise UserError(f"no {what} column found; the columns are {_short(list(columns))} "
+        raise UserError(f"no {what} column found; the columns are {echo(list(columns), 160)} "
                         f"(choose one with --{what}-column)", path=path)
     return None
 
@@ -300,13 +289,13 @@ def _rows(path: Path, records: Iterator[tuple[int, dict[str, Any]]], p_col: str,
           r_col: str | None, l_col: str | None, require_reference: bool) -> Iterator[PromptRow]:
     for line, rec in records:
         if p_col not in rec:
-            raise UserError(f"line {line}: no {_short(p_col)} field", path=path)
+            raise UserError(f"line {line}: no {echo(p_col, 160)} field", path=path)
         prompt = _text(rec[p_col])
         if prompt is None or not prompt.strip():
             raise UserError(f"line {line}: empty prompt", path=path)
         reference = _text(rec.get(r_col)) if r_col else None
         if require_reference and (reference is None or not reference.strip()):
-            raise UserError(f"line {line}: task row without a reference ({_short(r_col)} is missing or empty)",
+            raise UserError(f"line {line}: task row without a reference ({echo(r_col, 160)} is missing or empty)",
                             path=path)
         category = _text(rec.get(c_col)) if c_col else None
         label = _text(rec.get(l_col)) if l_col else None

@@ -25,7 +25,6 @@ else the base model's dtype.
 from __future__ import annotations
 
 import re
-import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ import yaml
 
 from mergesafe.checkpoint import open_adapter
 from mergesafe.checkpoint.inputs import open_model
-from mergesafe.errors import UserError
+from mergesafe.errors import UserError, echo
 from mergesafe.merge.engine import merge_group
 from mergesafe.merge.registry import MethodSpec, ParamSpec, check_della, get_method
 from mergesafe.stream import Source, StreamPlan, parse_dtype, tokenizer_folder
@@ -53,20 +52,6 @@ MAX_FLOW_DEPTH = 100  # nested [ and {: PyYAML's scanner is quadratic in their d
 MAX_EXPANDED_NODES = 100_000
 MAX_EXPANDED_CHARS = 4_000_000
 MAX_ECHO = 100  # characters of a user value quoted in an error message
-MAX_MESSAGE = 400
-
-_REPR = reprlib.Repr()
-_REPR.maxstring = MAX_ECHO
-_REPR.maxother = MAX_ECHO
-_REPR.maxlist = _REPR.maxdict = _REPR.maxtuple = _REPR.maxset = 6
-_REPR.maxlevel = 3
-
-
-def short(value: Any) -> str:
-    """A repr of `value` for an error message: never more than about `MAX_ECHO` characters."""
-    text = _REPR.repr(value)
-    return text if len(text) <= MAX_ECHO else text[:MAX_ECHO - 3] + "..."
-
 
 def _expanded_size(root: yaml.Node, path: Path) -> None:
     """Refuse a document whose aliases expand to more than the bounds (a "billion laughs").
@@ -190,7 +175,7 @@ def _model_ref(value: Any, path: Path, where: str) -> str:
         if len(value) > 4096:
             raise UserError(f"{where}: model path too long ({len(value)} characters)", path)
         return value.strip()
-    raise UserError(f"{where}: expected a model path, got {short(value)}", path)
+    raise UserError(f"{where}: expected a model path, got {echo(value)}", path)
 
 
 class ConfigModel:
@@ -239,12 +224,12 @@ def _evaluate(setting: Any, name: str, t: float, spec: ParamSpec, method: str) -
         for cond in setting:
             if not isinstance(cond, dict) or "value" not in cond or set(cond) - {"value", "filter"}:
                 raise UserError(f"parameter {spec.name!r}: expected {{filter, value}} conditions, "
-                                f"got {short(cond)}")
+                                f"got {echo(cond)}")
             flt = cond.get("filter")
             if flt is None or flt == "*" or (name and str(flt) in name):
                 return _evaluate(cond["value"], name, t, spec, method)
         return None
-    raise UserError(f"parameter {spec.name!r}: unexpected value {short(setting)}")
+    raise UserError(f"parameter {spec.name!r}: unexpected value {echo(setting)}")
 
 
 def _check_param_names(params: Any, spec: MethodSpec, allowed_weight: bool, where: str,
@@ -258,7 +243,7 @@ def _check_param_names(params: Any, spec: MethodSpec, allowed_weight: bool, wher
             continue
         if spec.param(key) is None:
             allowed = ", ".join((["weight"] if allowed_weight else []) + spec.param_names)
-            raise UserError(f"{where}: unknown parameter {short(key)} for method {spec.name} "
+            raise UserError(f"{where}: unknown parameter {echo(key)} for method {spec.name} "
                             f"(allowed: {allowed})", path)
     return params
 
@@ -324,7 +309,7 @@ def _scalar(data: dict, key: str, path: Path) -> Any:
     if value is None or isinstance(value, (bool, int, float)):
         return value
     if not isinstance(value, str) or len(value) > 4096:
-        raise UserError(f"{key}: expected a name or path, got {short(value)}", path)
+        raise UserError(f"{key}: expected a name or path, got {echo(value)}", path)
     return value
 
 
@@ -444,7 +429,7 @@ def _build_config_plan(path: Path, *, seed: int, allow_pickle: bool,
     else:
         tref = str(tok_src)
         if tref not in sources:
-            raise UserError(f"tokenizer_source {short(tref)} is not one of the config's models", path)
+            raise UserError(f"tokenizer_source {echo(tref)} is not one of the config's models", path)
         donor = sources[tref]
     out_dtype = parse_dtype(data.get("out_dtype"), "out_dtype") or parse_dtype(
         data.get("dtype"), "dtype")

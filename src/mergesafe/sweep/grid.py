@@ -5,16 +5,10 @@ from __future__ import annotations
 import math
 from decimal import Decimal, DecimalException, InvalidOperation
 
-from mergesafe.errors import UserError
+from mergesafe.errors import UserError, one_line
 
 MAX_WEIGHTS = 1000  # λ values in one grid
 MAX_TRIALS = 5000  # methods × λ merges (each one a merge plus a full evaluation)
-
-
-def _echo(spec: str) -> str:
-    """The user's grid for a message, cut short."""
-    spec = spec.strip()
-    return spec if len(spec) <= 100 else spec[:97] + "..."
 
 
 def parse_weights(spec: str) -> list[float]:
@@ -26,7 +20,7 @@ def parse_weights(spec: str) -> list[float]:
     text = spec.strip()
     if not text:
         raise UserError("empty weight grid", path="--weights")
-    shown = _echo(text)
+    shown = one_line(text, 100)
     try:
         if ":" in text:
             parts = [Decimal(p) for p in text.split(":")]
@@ -39,7 +33,7 @@ def parse_weights(spec: str) -> list[float]:
                 raise UserError(f"'{shown}': stop is below start", path="--weights")
             for v in (start, stop):
                 if not v.is_finite() or not 0 <= v <= 1:
-                    raise UserError(f"weight {_echo(str(v))} is outside [0, 1] (0 = pre, 1 = post)",
+                    raise UserError(f"weight {one_line(str(v), 100)} is outside [0, 1] (0 = pre, 1 = post)",
                                     path="--weights")
             # counted before anything is made (a tiny step underflows to 0 here, not overflows)
             if stop - start >= step * MAX_WEIGHTS:
@@ -58,7 +52,7 @@ def parse_weights(spec: str) -> list[float]:
         raise UserError("empty weight grid", path="--weights")
     for v in values:
         if not math.isfinite(v) or not 0.0 <= v <= 1.0:
-            raise UserError(f"weight {_echo(str(v))} is outside [0, 1] (0 = pre, 1 = post)",
+            raise UserError(f"weight {one_line(str(v), 100)} is outside [0, 1] (0 = pre, 1 = post)",
                             path="--weights")
     return sorted({round(v, 10) for v in values})
 
@@ -82,7 +76,7 @@ def parse_methods(spec: str | list[str]) -> list[str]:
         if not name:
             continue
         if name not in METHODS:
-            raise UserError(f"unknown merge method '{_echo(name)}' (known: {', '.join(sorted(METHODS))})",
+            raise UserError(f"unknown merge method '{one_line(name, 100)}' (known: {', '.join(sorted(METHODS))})",
                             path="--methods")
         if name not in methods:
             methods.append(name)
