@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,9 +69,9 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
     `overwrite=True` starts from an empty results file (the old one is removed).
     """
     from mergesafe.checkpoint.chat_template import chat_template_source, check_chat_template
-    from mergesafe.checkpoint.hf_model import load_tokenizer
+    from mergesafe.checkpoint.hf_model import load_for_generation, load_tokenizer
     from mergesafe.checkpoint.inputs import check_not_input
-    from mergesafe.evaluate.api import load_eval_sets
+    from mergesafe.evaluate.api import evaluate_loaded, load_eval_sets, load_judge
     from mergesafe.merge.registry import validate_params
     from mergesafe.sweep.live import LiveMerge
 
@@ -114,77 +116,68 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
 
     if overwrite and (out / "results.jsonl").exists():
         (out / "results.jsonl").unlink()
+    with _kept_only_if_used(out):
+        store = ResultsStore(out)
+        notes = []
+        if store.set_aside is not None:
+            notes.append(f"{out / 'results.jsonl'} was written by an incompatible version; kept as "
+                         f"{store.set_aside.name}, a new results file was started")
+
+        trials: list[tuple[str, float, dict[str, Any]]] = [("pre", 0.0, {}), ("post", 1.0, {})]
+        trials += [(m, float(w), checked[m]) for m in methods for w in weights]
+        keyed = [(m, w, p, trial_key(inputs=inputs, method=m, weight=w, params=p, seed=seed, eval=settings))
+                 for m, w, p in trials]
+        todo = [t for t in keyed if store.get(t[3]) is None]
+
+        computed = 0
+        if todo:
+            model, _ = load_for_generation(pre, device=eval_config.device, allow_pickle=allow_pickle)
+            judge = load_judge(eval_config.judge, batch_size=eval_config.judge_batch_size,
+                               device=eval_config.device)
+            live = LiveMerge(model, live_inputs)
+            with _trial_progress(len(keyed), len(keyed) - len(todo), progress) as bar:
+                for method, weight, p, key in todo:
+                    t0 = time.perf_counter()
+                    live.apply(method, weight, p, seed)
+                    t1 = time.perf_counter()
+                    metrics = evaluate_loaded(model, tokenizer, sets, eval_config, judge=judge)
+                    t2 = time.perf_counter()
+                    row = {"method": method, "weight": weight, "params": p,
+                           "safety": metrics["safety"], "over_refusal": metrics["over_refusal"],
+                           "task": metrics["task"], "key": key, "seed": seed,
+                           "seconds": {"merge": round(t1 - t0, 4), "eval": round(t2 - t1, 4)}}
+                    store.append(row)
+                    computed += 1
+                    bar.advance(row, _best_so_far([store.get(k) for *_, k in keyed], asr_tolerance,
+                                                  refusal_tolerance, select_set))
+
+        rows = [store.get(k) for *_, k in keyed]
+        rec = recommend(rows, asr_tolerance=asr_tolerance, refusal_tolerance=refusal_tolerance,
+                        select_set=select_set)
+        front = pareto_front(rows, select_set)
+        _write_json(out / "recommendation.json", {k: rec[k] for k in ("method", "weight", "params", "reason")}
+                    | {"key": rec["key"], "qualified": rec["qualified"], "select_on": select_set,
+                       "asr_tolerance": asr_tolerance, "refusal_tolerance": refusal_tolerance})
+        result = SweepResult(rows=rows, recommendation=rec, front=front, out=out, select_set=select_set,
+                             computed=computed, reused=len(keyed) - computed, notes=notes,
+                             title=title or "mergesafe sweep",
+                             inputs={"pre": str(pre), "post": ", ".join(map(str, posts)),
+                                     "judge": str(eval_config.judge)})
+        if save_best:
+            result.best_model = _save_best(pre, posts, out / "best", rec, seed, allow_pickle, anchor)
+        return result
+
+
+@contextmanager
+def _kept_only_if_used(out: Path) -> Iterator[None]:
+    """Create OUT; a sweep that fails before its first trial leaves no empty OUT behind."""
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _run(out, pre, posts, anchor, live_inputs, tokenizer, sets, settings, inputs,
-                    methods, weights, checked, eval_config, select_set, asr_tolerance,
-                    refusal_tolerance, save_best, progress, seed, allow_pickle, title)
-    finally:  # a sweep that failed before its first trial leaves no empty OUT behind
+        yield
+    finally:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
-
-
-def _run(out: Path, pre: Path, posts: list[Path], anchor: str | Path | None, live_inputs: Any,
-         tokenizer: Any, sets: Any, settings: dict[str, Any], inputs: dict[str, Any],
-         methods: list[str], weights: list[float], checked: dict[str, dict[str, Any]],
-         eval_config: Any, select_set: str | None, asr_tolerance: float,
-         refusal_tolerance: float, save_best: bool, progress: bool, seed: int,
-         allow_pickle: bool, title: str | None) -> SweepResult:
-    """The trials (those not already in OUT/results.jsonl), then the recommendation."""
-    from mergesafe.checkpoint.hf_model import load_for_generation
-    from mergesafe.evaluate.api import evaluate_loaded, load_judge
-    from mergesafe.sweep.live import LiveMerge
-
-    store = ResultsStore(out)
-    notes = []
-    if store.set_aside is not None:
-        notes.append(f"{out / 'results.jsonl'} was written by an incompatible version; kept as "
-                     f"{store.set_aside.name}, a new results file was started")
-
-    trials: list[tuple[str, float, dict[str, Any]]] = [("pre", 0.0, {}), ("post", 1.0, {})]
-    trials += [(m, float(w), checked[m]) for m in methods for w in weights]
-    keyed = [(m, w, p, trial_key(inputs=inputs, method=m, weight=w, params=p, seed=seed, eval=settings))
-             for m, w, p in trials]
-    todo = [t for t in keyed if store.get(t[3]) is None]
-
-    computed = 0
-    if todo:
-        model, _ = load_for_generation(pre, device=eval_config.device, allow_pickle=allow_pickle)
-        judge = load_judge(eval_config.judge, batch_size=eval_config.judge_batch_size,
-                           device=eval_config.device)
-        live = LiveMerge(model, live_inputs)
-        with _trial_progress(len(keyed), len(keyed) - len(todo), progress) as bar:
-            for method, weight, p, key in todo:
-                t0 = time.perf_counter()
-                live.apply(method, weight, p, seed)
-                t1 = time.perf_counter()
-                metrics = evaluate_loaded(model, tokenizer, sets, eval_config, judge=judge)
-                t2 = time.perf_counter()
-                row = {"method": method, "weight": weight, "params": p,
-                       "safety": metrics["safety"], "over_refusal": metrics["over_refusal"],
-                       "task": metrics["task"], "key": key, "seed": seed,
-                       "seconds": {"merge": round(t1 - t0, 4), "eval": round(t2 - t1, 4)}}
-                store.append(row)
-                computed += 1
-                bar.advance(row, _best_so_far([store.get(k) for *_, k in keyed], asr_tolerance,
-                                              refusal_tolerance, select_set))
-
-    rows = [store.get(k) for *_, k in keyed]
-    rec = recommend(rows, asr_tolerance=asr_tolerance, refusal_tolerance=refusal_tolerance,
-                    select_set=select_set)
-    front = pareto_front(rows, select_set)
-    _write_json(out / "recommendation.json", {k: rec[k] for k in ("method", "weight", "params", "reason")}
-                | {"key": rec["key"], "qualified": rec["qualified"], "select_on": select_set,
-                   "asr_tolerance": asr_tolerance, "refusal_tolerance": refusal_tolerance})
-    result = SweepResult(rows=rows, recommendation=rec, front=front, out=out, select_set=select_set,
-                         computed=computed, reused=len(keyed) - computed, notes=notes,
-                         title=title or "mergesafe sweep",
-                         inputs={"pre": str(pre), "post": ", ".join(map(str, posts)),
-                                 "judge": str(eval_config.judge)})
-    if save_best:
-        result.best_model = _save_best(pre, posts, out / "best", rec, seed, allow_pickle, anchor)
-    return result
 
 
 def _best_so_far(rows: list[Row | None], asr_tolerance: float, refusal_tolerance: float,
