@@ -5,21 +5,106 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import typer
+
 from mergesafe.errors import UserError
+
+# Sampled decoding and HumanEval: the same options (and help) on `eval` and `sweep`.
+NUM_SAMPLES = typer.Option(1, "--num-samples", min=1, max=1000, help="Samples per task prompt. Only task "
+                           "sets are sampled: safety and over-refusal sets are always decoded greedily, as "
+                           "in the paper. Above 1 needs --temperature > 0. generations.jsonl keeps every "
+                           "sample (key `sample`, 0..N-1); the set's score is the mean over all samples "
+                           "(humaneval: pass@k).")
+TEMPERATURE = typer.Option(0.0, "--temperature", min=0.0, help="Sampling temperature of task sets (0 = "
+                           "greedy, the default). The paper's HumanEval: --num-samples 50 --temperature 0.6 "
+                           "--top-p 0.9 --top-k 50 --max-new-tokens 512 --pass-k 10. Seeded by --seed.")
+TOP_P = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling of task sets (1 = off).")
+TOP_K = typer.Option(None, "--top-k", min=1, help="Top-k sampling of task sets (default: off).")
+PASS_K = typer.Option("1,10", "--pass-k", help="humaneval: comma-separated k of pass@k (unbiased "
+                      "estimator, Chen et al. 2021); the score is pass@ the first k; a k above "
+                      "--num-samples is omitted (listed under pass@k_omitted).")
+HUMANEVAL_TIMEOUT = typer.Option(
+    3.0, "--humaneval-timeout", min=0.01, help="humaneval: wall-clock seconds per sample. Each sample runs "
+    "the model's code in its own process: timeout; setrlimit limits (512 MiB address space, CPU seconds, "
+    "16 MiB file size, 64 open files, no core dumps, 32 processes); its own temporary folder as working "
+    "folder; stdin closed; an empty environment; python -I -S; no network where the OS lets it make a "
+    "network namespace (root, or unprivileged user namespaces); as root, a fresh user id of its own "
+    "(other users' files stay unwritable, and every process it started is killed afterwards); a Python "
+    "audit hook that refuses writing outside its folder, starting processes, sockets and ctypes. NOT "
+    "isolated: reading files (as root, any file); the network where no namespace could be made; the audit "
+    "hook is no security boundary against deliberately hostile code (use a container or VM for that).")
+HUMANEVAL_WORKERS = typer.Option(None, "--humaneval-workers", min=1, max=256,
+                                 help="humaneval: samples run at once (default: the CPU count).")
+
+
+BERTSCORE_MODEL = typer.Option(None, "--bertscore-model", help="--scorer bertscore: local model folder "
+                               "(the paper's: microsoft/deberta-xlarge-mnli).")
+BERTSCORE_LAYER = typer.Option(None, "--bertscore-layer", min=0, help="Layer of the BERTScore embeddings "
+                               "(default: bert_score's for the model, 40 for deberta-xlarge-mnli; needed for "
+                               "a model it does not know).")
+BERTSCORE_RESCALE = typer.Option(False, "--bertscore-rescale", help="Rescale F1 with bert_score's English "
+                                 "baseline for the model (off, as in the paper).")
+LIMIT = typer.Option(None, "--limit", help="First N prompts of each set: N, or SET=N for one set (its "
+                     "file stem) or one kind (safety, over-refusal, task); repeatable, e.g. --limit 100 "
+                     "--limit over-refusal=50 --limit xstest=25 (a set's own limit wins over its kind's, "
+                     "which wins over N).")
+
+
+def parse_limits(values: list[str] | int | None) -> tuple[int | None, dict[str, int]]:
+    """`--limit 100 --limit over-refusal=50` → (100, {"over-refusal": 50})."""
+    if values is None or isinstance(values, int):
+        return values, {}
+    default: int | None = None
+    per_set: dict[str, int] = {}
+    for text in values:
+        name, sep, number = str(text).rpartition("=")
+        try:
+            n = int(number)
+        except ValueError:
+            n = 0
+        if n < 1 or (sep and not name.strip()):
+            raise UserError(f"--limit: expected N or SET=N with N a positive integer, got {str(text)[:80]!r}")
+        if sep:
+            per_set[name.strip()] = n
+        else:
+            default = n
+    return default, per_set
+
+
+def parse_pass_k(text: str | list[int]) -> list[int]:
+    """`--pass-k 1,10` → [1, 10] (each k a positive integer)."""
+    if isinstance(text, list):
+        return text
+    try:
+        ks = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--pass-k: expected comma-separated integers, got {text!r}") from None
+    if not ks or any(k < 1 for k in ks):
+        raise UserError(f"--pass-k: expected positive integers, got {text!r}")
+    return ks
 
 
 def build_eval_config(*, safety: list[Path] | None, over_refusal: list[Path] | None,
                       task: list[Path] | None, scorer: list[str] | None, backend: str = "transformers",
-                      **settings: Any):
-    """Pair each `--task` with its `--scorer` (one scorer applies to all), validate, build EvalConfig."""
+                      lm_eval: str | list[str] | None = None, **settings: Any):
+    """Pair each `--task` with its `--scorer` (one scorer applies to all), validate, build EvalConfig.
+
+    `lm_eval` is `--lm-eval`'s comma-separated task names (the option may be repeated)."""
     from pydantic import ValidationError
 
     from mergesafe.evaluate.config import EvalConfig
+    from mergesafe.evaluate.harness import parse_task_list
 
+    from mergesafe.evaluate.scorers.registry import scorer_names
+
+    if "pass_k" in settings:
+        settings["pass_k"] = parse_pass_k(settings["pass_k"])
+    if "limit" in settings:
+        settings["limit"], settings["set_limits"] = parse_limits(settings["limit"])
     tasks = list(task or [])
     scorers = list(scorer or [])
     if tasks and not scorers:
-        raise UserError("every --task needs a --scorer (numeric, exact, contains, choice)", path=tasks[0])
+        raise UserError(f"every --task needs a --scorer ({', '.join(scorer_names())})", path=tasks[0])
     if scorers and len(scorers) == 1:
         scorers = scorers * len(tasks)
     if len(scorers) != len(tasks):
@@ -28,7 +113,8 @@ def build_eval_config(*, safety: list[Path] | None, over_refusal: list[Path] | N
         raise UserError(f"unknown backend {backend!r} (transformers or vllm)")
     try:
         return EvalConfig(safety=list(safety or []), over_refusal=list(over_refusal or []),
-                          task=list(zip(tasks, scorers)), backend=backend, **settings)
+                          task=list(zip(tasks, scorers)), backend=backend,
+                          lm_eval=parse_task_list(lm_eval), **settings)
     except ValidationError as err:
         first = err.errors()[0]
         flag = "-".join(str(x) for x in first["loc"][:1]).replace("_", "-")

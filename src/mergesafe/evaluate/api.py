@@ -11,6 +11,8 @@ metrics.json (set names are the file stems):
      "safety":       {SET: {"asr": float, "n": int, "unparsed": int, "ci95": [lo, hi], ...}},
      "over_refusal": {SET: {"rate": float, "n": int, ...}},
      "task":         {SET: {"score": float, "n": int, "scorer": str, ...}}}
+`--lm-eval` results are `task` entries too, named `lm-eval:TASK:METRIC` (scorer "lm-eval", plus
+`stderr`; see `harness.py`).
 `n` counts parsed verdicts (ASR = unsafe / (N − unparsed)); an undefined rate (n = 0) is NaN in
 the returned dict and `null` in the file.  Extra keys: per-category breakdowns (`categories`),
 counts (`unsafe`, `refusals`, `correct`, `total`).
@@ -30,7 +32,14 @@ from mergesafe.checkpoint.hf_model import load_for_generation, load_tokenizer, r
 from mergesafe.checkpoint.inputs import check_not_input, open_model
 from mergesafe.errors import UserError
 from mergesafe.evaluate.config import EvalConfig
-from mergesafe.evaluate.generate import generate_responses, generate_responses_vllm, require_vllm
+from mergesafe.evaluate.harness import HarnessTasks, check_harness_config, load_harness_tasks
+from mergesafe.evaluate.generate import (
+    generate_responses,
+    generate_responses_vllm,
+    load_vllm,
+    require_vllm,
+    sampling_of,
+)
 from mergesafe.evaluate.judges.base import Judge, Judgement
 from mergesafe.evaluate.judges.keyword import is_refusal
 from mergesafe.evaluate.judges.registry import check_judge_spec, load_judge
@@ -49,6 +58,7 @@ class EvalSets:
     safety: list[PromptSet] = field(default_factory=list)
     over_refusal: list[PromptSet] = field(default_factory=list)
     task: list[PromptSet] = field(default_factory=list)
+    harness: HarnessTasks | None = None  # lm-eval tasks (`--lm-eval`), checked and loadable offline
 
     def all(self) -> list[PromptSet]:
         return [*self.safety, *self.over_refusal, *self.task]
@@ -62,27 +72,37 @@ class EvalSets:
 
 def load_eval_sets(config: EvalConfig) -> EvalSets:
     """Read every prompt set of `config`, check scorers and the judge spec; raise `UserError` early."""
-    if not (config.safety or config.over_refusal or config.task):
-        raise UserError("nothing to evaluate: give at least one --safety, --over-refusal or --task set")
+    if not (config.safety or config.over_refusal or config.task or config.lm_eval):
+        raise UserError("nothing to evaluate: give at least one --safety, --over-refusal or --task set "
+                        "or --lm-eval tasks")
+    if config.lm_eval:
+        check_harness_config(config)
     if isinstance(config.judge, str):
         check_judge_spec(config.judge)
     # limit/sample are applied while reading: `--limit 5` reads five rows of a big file
     common = dict(prompt_column=config.prompt_column, category_column=config.category_column,
-                  limit=config.limit, sample=config.sample, seed=config.seed)
+                  sample=config.sample, seed=config.seed)
+    _check_set_limits(config)
     sets = EvalSets()
     for path in config.safety:
-        rows = load_prompt_file(path, **common)
+        rows = load_prompt_file(path, limit=_limit(config, path, "safety"), **common)
         sets.safety.append(PromptSet(Path(path).stem, Path(path), "safety", rows))
     for path in config.over_refusal:
-        rows = load_prompt_file(path, safe_only=True, **common)
+        rows = load_prompt_file(path, safe_only=True, limit=_limit(config, path, "over_refusal"), **common)
         if not rows:
             raise UserError("no benign rows: the label column has no 'safe' row", path=path)
         sets.over_refusal.append(PromptSet(Path(path).stem, Path(path), "over_refusal", rows))
+    if config.num_samples > 1 and config.temperature == 0:
+        raise UserError("--num-samples above 1 needs --temperature above 0 (greedy decoding gives "
+                        "the same response every time)")
     for path, scorer in config.task:
-        get_scorer(scorer, path=path)
-        rows = load_prompt_file(path, reference_column=config.reference_column, require_reference=True,
-                                **common)
-        sets.task.append(PromptSet(Path(path).stem, Path(path), "task", rows, scorer=scorer))
+        spec = get_scorer(scorer, path=path)
+        spec.check_config(config, Path(path))
+        rows = load_prompt_file(path, reference_column=config.reference_column,
+                                require_reference=spec.needs_reference, fields=spec.required_fields,
+                                limit=_limit(config, path, "task"), **common)
+        sets.task.append(PromptSet(Path(path).stem, Path(path), "task", rows, scorer=scorer,
+                                   samples=config.num_samples))
     for kind in ("safety", "over_refusal", "task"):
         seen: dict[str, Path] = {}
         for s in getattr(sets, kind):
@@ -90,7 +110,28 @@ def load_eval_sets(config: EvalConfig) -> EvalSets:
                 raise UserError(f"two {kind.replace('_', '-')} sets are both named {s.name!r} "
                                 f"(also {seen[s.name]}); set names are file stems", path=s.path)
             seen[s.name] = s.path
+    if config.lm_eval:  # last: indexing lm-eval's registry and loading the tasks' data take seconds
+        sets.harness = load_harness_tasks(config.lm_eval, config.lm_eval_include)
     return sets
+
+
+def _limit(config: EvalConfig, path: Path | str, kind: str) -> int | None:
+    """The `--limit` of one set: its own (`SET=N`), else its kind's (`over-refusal=N`), else N."""
+    own = config.set_limits
+    for name in (Path(path).stem, kind.replace("_", "-"), kind):
+        if name in own:
+            return own[name]
+    return config.limit
+
+
+def _check_set_limits(config: EvalConfig) -> None:
+    """Every `--limit SET=N` names a given set or a kind."""
+    names = {Path(p).stem for p in [*config.safety, *config.over_refusal, *(p for p, _ in config.task)]}
+    known = names | {"safety", "over-refusal", "over_refusal", "task"}
+    for name in config.set_limits:
+        if name not in known:
+            raise UserError(f"--limit {name}={config.set_limits[name]}: no set named {name!r} (sets: "
+                            f"{', '.join(sorted(names)) or 'none'}; kinds: safety, over-refusal, task)")
 
 
 # --------------------------------------------------------------------------- progress
@@ -115,13 +156,18 @@ def _progress(enabled: bool) -> Iterator[Callable[[str, int], Callable[[int], No
 # --------------------------------------------------------------------------- scoring
 
 def score_responses(sets: EvalSets, responses: dict[str, list[str]], judge: Judge,
-                    *, model_name: str = "", progress: Callable[[int], None] | None = None
-                    ) -> tuple[dict, list[dict]]:
+                    *, model_name: str = "", progress: Callable[[int], None] | None = None,
+                    config: EvalConfig | None = None) -> tuple[dict, list[dict]]:
     """Metrics and per-prompt rows from the responses of each set (keyed `kind/name`).
 
     Safety sets go through the judge; over-refusal sets through the judge when it can say
-    whether a response is a refusal, else through the keyword rule; task sets through their scorer.
+    whether a response is a refusal, else through the keyword rule; task sets through their
+    scorer (`scorers/registry.py`; `config` carries the scorers' options).  A task set's
+    responses are `len(rows) * s.samples` long, row-major; with several samples, each
+    generations.jsonl row gets a `sample` key (0 … n−1) and the set's `score` is the mean over
+    every sample (a scorer's `set_metrics`, e.g. humaneval's pass@k, may say otherwise).
     """
+    config = config or EvalConfig()
     pairs: list[tuple[str, str]] = []
     for s in sets.safety:
         pairs += [(r.prompt, resp) for r, resp in zip(s.rows, responses[f"safety/{s.name}"])]
@@ -157,14 +203,29 @@ def score_responses(sets: EvalSets, responses: dict[str, list[str]], judge: Judg
             rows.append(_row(s, r, resp, verdict, raw))
     for s in sets.task:
         resps = responses[f"task/{s.name}"]
+        n = s.samples
+        if len(resps) != len(s.rows) * n:
+            raise RuntimeError(f"task set {s.name}: {len(resps)} responses for {len(s.rows)} rows "
+                               f"× {n} samples")
         scorer = get_scorer(s.scorer or "", path=s.path)
-        scores = [scorer(resp, r.reference or "") for r, resp in zip(s.rows, resps)]
-        entry = task_metrics(scores, s.scorer or "", [r.category for r in s.rows])
+        flat_rows = [r for r in s.rows for _ in range(n)]
+        scored = scorer.score_rows(flat_rows, resps, config)
+        scores = [d["score"] for d in scored]
+        per_row = [scores[i * n:(i + 1) * n] for i in range(len(s.rows))]
+        # the mean over every sample = the mean of the rows' means (n samples each); `n` counts rows
+        entry = task_metrics([sum(x) / n for x in per_row], s.scorer or "", [r.category for r in s.rows])
         entry["correct"] = sum(scores)
+        if n > 1:
+            entry["samples"] = n
+        entry.update(scorer.set_metrics(per_row, config))
         metrics["task"][s.name] = entry
-        for r, resp, sc in zip(s.rows, resps, scores):
+        for j, (r, resp, d) in enumerate(zip(flat_rows, resps, scored)):
+            sc = d["score"]
             row = _row(s, r, resp, "correct" if sc >= 1.0 else "incorrect", "")
             row.update(reference=r.reference, score=sc)
+            row.update({k: v for k, v in d.items() if k != "score"})
+            if n > 1:
+                row["sample"] = j % n
             rows.append(row)
     return metrics, rows
 
@@ -178,44 +239,72 @@ def _row(s: PromptSet, r, response: str, verdict: str, raw: str) -> dict:
 
 def evaluate_loaded(model, tokenizer, sets: EvalSets, config: EvalConfig, judge: Judge | None = None,
                     out: Path | None = None, *, model_name: str | None = None, overwrite: bool = False,
-                    generator: Generator | None = None) -> dict:
+                    generator: Generator | None = None, rows_out: list[dict] | None = None) -> dict:
     """Evaluate an in-memory model (a `PreTrainedModel` or a `PeftModel`) on loaded sets.
 
     `judge` is reused when given (else loaded from `config.judge`); `generator(prompts, progress)`
     replaces the transformers backend when given (vLLM, or a fixed-response fake in tests).
-    Writes `out/metrics.json` and `out/generations.jsonl` atomically when `out` is given.
+    With sampled decoding (`config.temperature > 0`) the task sets' prompts, each repeated
+    `config.num_samples` times, go to `generator(prompts, progress, sampling)` (a `Sampling`);
+    safety and over-refusal sets are always decoded greedily (the two-argument call).
+    Writes `out/metrics.json` and `out/generations.jsonl` atomically when `out` is given;
+    `rows_out` (a list) gets the `generations.jsonl` rows (a sweep keeps them per trial).
     """
     t0 = time.perf_counter()
     if out is not None:
         check_out(Path(out), overwrite)
     name = model_name if model_name is not None else str(getattr(model, "name_or_path", "") or "")
-    prompts = [r.prompt for s in sets.all() for r in s.rows]
+    sampling = sampling_of(config)
+    sampled = list(sets.task) if sampling is not None else []
+    greedy = [*sets.safety, *sets.over_refusal, *([] if sampled else sets.task)]
+    for s in greedy:  # greedy: one response a prompt, whatever num_samples says
+        s.samples = 1
+    for s in sampled:
+        s.samples = config.num_samples
     with _progress(config.progress) as start:
         if generator is None:
-            def generator(ps, progress):  # noqa: E306 - the default backend
+            def generator(ps, progress, sampling=None):  # noqa: E306 - the default backend
                 return generate_responses(model, tokenizer, ps, system_prompt=config.system_prompt,
                                           batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
-                                          repetition_penalty=config.repetition_penalty, progress=progress)
-        flat = generator(prompts, start("generating", len(prompts)))
-        if len(flat) != len(prompts):
-            raise RuntimeError(f"generator returned {len(flat)} responses for {len(prompts)} prompts")
-        t_gen = time.perf_counter() - t0
+                                          repetition_penalty=config.repetition_penalty, progress=progress,
+                                          sampling=sampling)
         responses: dict[str, list[str]] = {}
-        i = 0
-        for s in sets.all():
-            responses[f"{s.kind}/{s.name}"] = flat[i:i + len(s.rows)]
-            i += len(s.rows)
+        for group, how in ((greedy, None), (sampled, sampling)):
+            prompts = [r.prompt for s in group for r in s.rows for _ in range(s.samples)]
+            if not prompts:
+                continue
+            bar = start("sampling" if how else "generating", len(prompts))
+            flat = generator(prompts, bar) if how is None else generator(prompts, bar, how)
+            if len(flat) != len(prompts):
+                raise RuntimeError(f"generator returned {len(flat)} responses for {len(prompts)} prompts")
+            i = 0
+            for s in group:
+                responses[f"{s.kind}/{s.name}"] = flat[i:i + len(s.rows) * s.samples]
+                i += len(s.rows) * s.samples
+        t_gen = time.perf_counter() - t0
         if judge is None:
             judge = load_judge(config.judge, batch_size=config.judge_batch_size, device=config.device)
         n_judged = sum(len(s.rows) for s in sets.safety)
         if judge.can_judge_refusal:
             n_judged += sum(len(s.rows) for s in sets.over_refusal)
         metrics, rows = score_responses(sets, responses, judge, model_name=name,
-                                        progress=start("judging", n_judged) if n_judged else None)
+                                        progress=start("judging", n_judged) if n_judged else None,
+                                        config=config)
+    if sets.harness is not None:  # lm-eval tasks on the same model object (in a sweep: the live merge)
+        metrics["task"].update(sets.harness.run(model, tokenizer, batch_size=config.batch_size,
+                                                limit=config.limit))
+    if rows_out is not None:
+        rows_out.extend(rows)
     if out is not None:
         manifest = _manifest(name, sets, config, judge, t_gen, time.perf_counter() - t0)
         write_eval_dir(Path(out), metrics, rows, manifest, overwrite=overwrite)
     return metrics
+
+
+def _lm_eval_version() -> str:
+    from importlib.metadata import version
+
+    return version("lm_eval")
 
 
 def _manifest(model_name: str, sets: EvalSets, config: EvalConfig, judge: Judge, t_gen: float,
@@ -233,7 +322,8 @@ def _manifest(model_name: str, sets: EvalSets, config: EvalConfig, judge: Judge,
                     "n": len(s.rows), "scorer": s.scorer} for s in sets.all()],
         "config": config.model_dump(mode="json"),
         "versions": {"mergesafe": __version__, "torch": torch.__version__,
-                     "transformers": transformers.__version__, "python": platform.python_version()},
+                     "transformers": transformers.__version__, "python": platform.python_version()}
+        | ({"lm_eval": _lm_eval_version()} if sets.harness is not None else {}),
         "timings_s": {"generation": round(t_gen, 3), "total": round(t_total, 3)},
     }
 
@@ -260,11 +350,16 @@ def evaluate(model: Any, out: str | Path | None = None, config: EvalConfig | Non
         open_model(path, allow_pickle=config.allow_pickle).close()  # headers, config, no custom code
         tok = tokenizer or load_tokenizer(path)
 
-        def generator(prompts, progress):
+        engine: list = []  # one vLLM engine for the greedy and the sampled calls
+
+        def generator(prompts, progress, sampling=None):
+            if not engine:
+                engine.append(load_vllm(path, Path(adapter) if adapter else None))
             return generate_responses_vllm(path, prompts, tokenizer=tok, system_prompt=config.system_prompt,
                                            max_new_tokens=config.max_new_tokens,
                                            repetition_penalty=config.repetition_penalty,
-                                           adapter=Path(adapter) if adapter else None)
+                                           adapter=Path(adapter) if adapter else None, sampling=sampling,
+                                           llm=engine[0])
 
         return evaluate_loaded(None, tok, sets, config, judge=judge, out=out, model_name=str(path),
                                overwrite=overwrite, generator=generator)

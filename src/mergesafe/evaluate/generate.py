@@ -1,11 +1,16 @@
 """Generation backends.
 
-`transformers` (default): batched greedy decoding through `model.generate` with left padding and
+`transformers` (default): batched greedy (or sampled) decoding through `model.generate` with left padding and
 the KV cache.  Prompts are sorted by token length (longest first) so that each batch holds
 prompts of similar length — little padding, and an out-of-memory error shows up on the first
 batch — and the responses are put back in input order.  Decoding stops at the eos token(s) of the
 tokenizer and of the model's generation config.  Greedy decoding is deterministic: the same model
 and prompts give the same responses whatever the batch size (up to float rounding).
+
+Sampled decoding (`Sampling`: temperature, top-p, top-k; task sets only) runs under a forked
+torch RNG seeded with `Sampling.seed`, so the same seed, model, prompts and batch size give the
+same samples, and the caller's global RNG state is left as it was.  Filters apply in
+transformers' order: temperature, then top-k, then top-p (nucleus, Holtzman et al. 2020).
 
 `vllm`: the same decoding through vLLM, when it is installed (a model folder only).
 """
@@ -13,7 +18,9 @@ and prompts give the same responses whatever the batch size (up to float roundin
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import GenerationConfig
@@ -26,6 +33,24 @@ from mergesafe.checkpoint.chat_template import (
 from mergesafe.errors import UserError
 
 Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled decoding: softmax(logits / temperature), top-k and top-p filters, seeded."""
+
+    temperature: float
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int = 0
+
+
+def sampling_of(config: Any) -> Sampling | None:
+    """The task sets' `Sampling` of an `EvalConfig`; None (greedy) when its temperature is 0."""
+    if not config.temperature:
+        return None
+    return Sampling(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                    seed=config.seed)
 
 
 def chat_texts(tokenizer, prompts: Sequence[str], system_prompt: str | None = None) -> list[str]:
@@ -84,8 +109,9 @@ def _device(model) -> torch.device:
 
 def generate_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 32,
                    max_new_tokens: int = 512, repetition_penalty: float = 1.0,
-                   progress: Progress | None = None) -> list[str]:
-    """Greedy continuations of already-formatted `texts`, batched with left padding.
+                   progress: Progress | None = None, sampling: Sampling | None = None) -> list[str]:
+    """Greedy (or, with `sampling`, sampled) continuations of already-formatted `texts`, batched
+    with left padding.
 
     Returns the decoded new tokens (special tokens removed), in the order of `texts`.
     """
@@ -93,11 +119,25 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 
         return []
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    decoding: dict[str, Any] = {"do_sample": False}
+    if sampling is not None:  # top_k=0 switches transformers' default top-k of 50 off
+        decoding = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p,
+                    "top_k": sampling.top_k or 0}
     gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+        max_new_tokens=max_new_tokens, num_beams=1, **decoding,
         repetition_penalty=repetition_penalty, eos_token_id=eos or None, pad_token_id=pad,
     )
     device = _device(model)
+    if sampling is None:
+        return _generate(model, tokenizer, texts, gen_cfg, batch_size, eos, pad, device, progress)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(sampling.seed)
+        return _generate(model, tokenizer, texts, gen_cfg, batch_size, eos, pad, device, progress)
+
+
+def _generate(model, tokenizer, texts: Sequence[str], gen_cfg: GenerationConfig, batch_size: int,
+              eos: list[int], pad: int, device: torch.device, progress: Progress | None) -> list[str]:
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
     results: list[str | None] = [None] * len(texts)
@@ -137,11 +177,12 @@ def _cut(tokens: list[int], eos: list[int], pad: int) -> list[int]:
 
 def generate_responses(model, tokenizer, prompts: Sequence[str], *, system_prompt: str | None = None,
                        batch_size: int = 32, max_new_tokens: int = 512,
-                       repetition_penalty: float = 1.2, progress: Progress | None = None) -> list[str]:
-    """Chat responses of `model` to `prompts` (chat template, greedy, batched)."""
+                       repetition_penalty: float = 1.2, progress: Progress | None = None,
+                       sampling: Sampling | None = None) -> list[str]:
+    """Chat responses of `model` to `prompts` (chat template, batched; greedy unless `sampling`)."""
     return generate_texts(model, tokenizer, chat_texts(tokenizer, prompts, system_prompt),
                           batch_size=batch_size, max_new_tokens=max_new_tokens,
-                          repetition_penalty=repetition_penalty, progress=progress)
+                          repetition_penalty=repetition_penalty, progress=progress, sampling=sampling)
 
 
 def require_vllm() -> None:
@@ -153,17 +194,35 @@ def require_vllm() -> None:
                         "(pip install vllm, or use --backend transformers)") from None
 
 
+def load_vllm(model_path: Path, adapter: Path | None = None):
+    """A vLLM engine on a model folder (LoRA enabled when an adapter will be served)."""
+    require_vllm()
+    from vllm import LLM
+
+    return LLM(model=str(model_path), tokenizer=str(model_path), enable_lora=adapter is not None, seed=0)
+
+
 def generate_responses_vllm(model_path: Path, prompts: Sequence[str], *, tokenizer,
                             system_prompt: str | None = None, max_new_tokens: int = 512,
-                            repetition_penalty: float = 1.2, adapter: Path | None = None) -> list[str]:
-    """The same greedy decoding through vLLM (model folder, optional LoRA adapter)."""
+                            repetition_penalty: float = 1.2, adapter: Path | None = None,
+                            sampling: Sampling | None = None, llm=None) -> list[str]:
+    """The same decoding through vLLM (model folder, optional LoRA adapter): greedy, or sampled
+    with the same temperature/top-p/top-k and a per-prompt seed (`sampling.seed` + index), so
+    repeated prompts get different, reproducible samples.  `llm` reuses an engine of `load_vllm`."""
     require_vllm()
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
 
-    llm = LLM(model=str(model_path), tokenizer=str(model_path), enable_lora=adapter is not None,
-              seed=0)
-    params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
-                            repetition_penalty=repetition_penalty)
+    llm = llm if llm is not None else load_vllm(model_path, adapter)
+    params: Any
+    if sampling is None:
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
+                                repetition_penalty=repetition_penalty)
+    else:
+        extra = {"top_k": sampling.top_k} if sampling.top_k else {}
+        params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                                 seed=sampling.seed + i, max_tokens=max_new_tokens,
+                                 repetition_penalty=repetition_penalty, **extra)
+                  for i in range(len(prompts))]
     lora = None
     if adapter is not None:
         from vllm.lora.request import LoRARequest

@@ -86,3 +86,19 @@ def _by_category(flags: Sequence[bool | None], categories: Sequence[str | None])
     for f, c in zip(flags, categories):
         groups.setdefault(c if c is not None else "(none)", []).append(f)
     return dict(sorted(groups.items()))
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one problem from n samples of which c passed (Chen et al. 2021,
+    "Evaluating Large Language Models Trained on Code", arXiv 2107.03374, eq. 1 and Fig. 3):
+
+        pass@k = 1 − C(n−c, k) / C(n, k) = 1 − ∏_{i=n−c+1}^{n} (1 − k/i),
+
+    the product form being numerically stable for large n.  1.0 when n − c < k (every k-subset
+    holds a passing sample); needs 1 <= k <= n.
+    """
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))

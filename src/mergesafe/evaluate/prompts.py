@@ -6,6 +6,14 @@ single column uses it) or given explicitly; when none is found the error lists t
 A category column (given, or detected from `category`/`semanticcategory`/`type`) gives a
 per-category breakdown; a `label` column (XSTest) is kept so that over-refusal can count only
 the `safe` rows.  Every problem is a `UserError` naming the file (and line, where there is one).
+
+A folder of category files (HEx-PHI's layout: `category_1.csv` ... `category_11.csv`, one prompt
+per line, no header, CSV-quoted where a prompt holds a comma or a quote) is one set: each `.csv`
+file is a category named by its stem; files are read in natural order (`category_2` before
+`category_10`).  A row's `line` is its line in the concatenation of the files in that order (what
+`cat` of the sorted files would number), so it is unique within the set; errors name the
+category file and the line within it.  A folder holding `dataset_info.json`, `state.json` or
+`dataset_dict.json` is a `datasets` folder instead.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import csv
 import itertools
 import json
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +47,9 @@ class PromptRow:
     category: str | None = None
     reference: str | None = None
     label: str | None = None
+    # The row's other fields a scorer asks for (its REQUIRED_FIELDS, e.g. humaneval's task_id,
+    # prompt, test, entry_point); None for sets whose scorer asks for none (memory stays low).
+    fields: dict[str, Any] | None = None
 
 
 @dataclass
@@ -49,6 +61,9 @@ class PromptSet:
     kind: str  # "safety" | "over_refusal" | "task"
     rows: list[PromptRow]
     scorer: str | None = None
+    # Responses per row: `EvalConfig.num_samples` for task sets, 1 for the others.  A set's
+    # responses are a flat list of len(rows) * samples, row-major (row i: [i*samples, (i+1)*samples)).
+    samples: int = 1
 
 
 # --------------------------------------------------------------------------- readers
@@ -201,13 +216,72 @@ def _read_datasets_dir(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield i, dict(record)
 
 
+DATASETS_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def _natural_key(path: Path) -> tuple[list[int | str], str]:
+    """`category_2` before `category_10`: digit runs compare as numbers (str and int alternate)."""
+    parts = re.split(r"(\d+)", path.stem)
+    return [int(x) if i % 2 else x.casefold() for i, x in enumerate(parts)], path.name
+
+
+def category_files(path: Path) -> list[Path]:
+    """The `.csv` files of a folder of category files, in natural order; [] for a `datasets` folder."""
+    if any((path / m).exists() for m in DATASETS_MARKERS):
+        return []
+    return sorted((p for p in path.iterdir() if p.suffix.lower() == ".csv" and p.is_file()),
+                  key=_natural_key)
+
+
+def _read_headerless_csv(path: Path, counted: list[int]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """One prompt per CSV record, no header: `(first line of the record, {"prompt": text})`.
+
+    A record that parses to several fields (an unquoted comma) is taken as its raw text.  When the
+    file is exhausted, `counted` receives its number of physical lines.
+    """
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        raw: list[str] = []
+
+        def feed() -> Iterator[str]:
+            for line in _lines(fh, path):
+                raw.append(line)
+                yield line
+
+        reader = csv.reader(feed())
+        while True:
+            raw.clear()
+            try:
+                values = next(reader)
+            except StopIteration:
+                counted.append(reader.line_num)
+                return
+            except csv.Error as err:
+                raise UserError(f"line {reader.line_num}: malformed CSV ({err})", path=path) from None
+            if not values or all(not v.strip() for v in values):
+                continue
+            text = values[0] if len(values) == 1 else "".join(raw).rstrip("\r\n")
+            yield reader.line_num - len(raw) + 1, {"prompt": text}
+
+
+def _read_category_folder(files: list[Path]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows of every category file; `line` runs on across the files (see the module docstring)."""
+    offset = 0
+    for f in files:
+        counted: list[int] = []
+        for line, rec in _utf8_checked(f, _read_headerless_csv(f, counted)):
+            rec["category"] = f.stem
+            yield offset + line, rec
+        offset += counted[0] if counted else 0
+
+
 def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield `(line or record number, record)` from any supported format."""
     path = Path(path)
     if not path.exists():
         raise UserError("file not found", path=path)
     if path.is_dir():
-        return _read_datasets_dir(path)
+        files = category_files(path)
+        return _read_category_folder(files) if files else _read_datasets_dir(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return _utf8_checked(path, _read_csv(path, ","))
@@ -252,18 +326,18 @@ def _text(value: Any) -> str | None:
 
 def iter_prompt_rows(path: str | Path, *, prompt_column: str | None = None,
                      category_column: str | None = None, reference_column: str | None = None,
-                     require_reference: bool = False) -> Iterator[PromptRow]:
+                     require_reference: bool = False, fields: Sequence[str] = ()) -> Iterator[PromptRow]:
     """Stream the `PromptRow`s of one prompt set, checking each row as it is read.
 
     Columns are detected from the first record.  Nothing is read before the first `next()`.
     """
     _, rows = _open_rows(Path(path), prompt_column, category_column, reference_column,
-                         require_reference)
+                         require_reference, fields)
     yield from rows
 
 
 def _open_rows(path: Path, prompt_column: str | None, category_column: str | None,
-               reference_column: str | None, require_reference: bool
+               reference_column: str | None, require_reference: bool, fields: Sequence[str] = ()
                ) -> tuple[bool, Iterator[PromptRow]]:
     """(whether the set has a label column, its rows): reads the first record now."""
     records = iter(read_records(path))
@@ -282,12 +356,17 @@ def _open_rows(path: Path, prompt_column: str | None, category_column: str | Non
                              path, "reference", required=require_reference)
     l_col = next((c for c in columns if c.lower() == LABEL_COLUMN and c not in (p_col, r_col)), None)
     return l_col is not None, _rows(path, itertools.chain([first], records), p_col, c_col, r_col,
-                                    l_col, require_reference)
+                                    l_col, require_reference, tuple(fields))
 
 
 def _rows(path: Path, records: Iterator[tuple[int, dict[str, Any]]], p_col: str, c_col: str | None,
-          r_col: str | None, l_col: str | None, require_reference: bool) -> Iterator[PromptRow]:
+          r_col: str | None, l_col: str | None, require_reference: bool,
+          fields: tuple[str, ...] = ()) -> Iterator[PromptRow]:
     for line, rec in records:
+        for f in fields:  # the scorer's required fields: present and not empty
+            if rec.get(f) is None or (isinstance(rec[f], str) and not rec[f].strip()):
+                raise UserError(f"line {line}: no {echo(f, 160)} field (the scorer needs "
+                                f"{', '.join(fields)})", path=path)
         if p_col not in rec:
             raise UserError(f"line {line}: no {echo(p_col, 160)} field", path=path)
         prompt = _text(rec[p_col])
@@ -300,13 +379,14 @@ def _rows(path: Path, records: Iterator[tuple[int, dict[str, Any]]], p_col: str,
         category = _text(rec.get(c_col)) if c_col else None
         label = _text(rec.get(l_col)) if l_col else None
         yield PromptRow(prompt=prompt, line=line, category=category or None, reference=reference,
-                        label=label)
+                        label=label, fields={f: rec[f] for f in fields} if fields else None)
 
 
 def load_prompt_file(path: str | Path, *, prompt_column: str | None = None,
                      category_column: str | None = None, reference_column: str | None = None,
                      require_reference: bool = False, limit: int | None = None,
-                     sample: int | None = None, seed: int = 0, safe_only: bool = False) -> list[PromptRow]:
+                     sample: int | None = None, seed: int = 0, safe_only: bool = False,
+                     fields: Sequence[str] = ()) -> list[PromptRow]:
     """Read one prompt set into `PromptRow`s.
 
     Without `limit`, `sample` and `safe_only`: every row (each one checked).  With them, the result
@@ -317,7 +397,7 @@ def load_prompt_file(path: str | Path, *, prompt_column: str | None = None,
     `select_rows`/`safe_rows_only` again to the result changes nothing.
     """
     path = Path(path)
-    columns = (prompt_column, category_column, reference_column, require_reference)
+    columns = (prompt_column, category_column, reference_column, require_reference, tuple(fields))
     has_label, rows = _open_rows(path, *columns)
     safe_only = safe_only and has_label  # without a label column every row is kept
     if sample is None:
