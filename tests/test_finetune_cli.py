@@ -199,3 +199,23 @@ def test_failure_during_training_removes_the_work_folder_and_the_parents_it_made
         mergesafe.finetune(tiny_pre, good_data, out, callbacks=[Boom()], max_steps=2, val_size=0,
                            progress=False, cpu_threads=1)
     assert list(tmp_path.iterdir()) == [good_data]  # no OUT.partial, no a/b
+
+
+def test_no_progress_prints_one_line_per_logging_step(tiny_pre, good_data, tmp_path, capsys):
+    import re
+
+    out = tmp_path / "out"
+    code, stdout, err = run(["--model", str(tiny_pre), "--data", str(good_data), "--out", str(out),
+                             "--max-steps", "4", "--logging-steps", "2", "--val-size", "0", "--no-progress",
+                             "--cpu-threads", "1"], capsys)
+    assert code == 0, err
+    lines = [line for line in stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/4", "4/4"]
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    for line, row in zip(lines, [r for r in log if "loss" in r]):
+        m = re.fullmatch(r"step (\d+)/4  loss (\S+)  lr (\S+)  tokens/s (\d+)", line)
+        assert m, line
+        assert int(m.group(1)) == row["step"]
+        assert float(m.group(2)) == pytest.approx(row["loss"], abs=5e-5)
+        assert float(m.group(3)) == pytest.approx(row["lr"], rel=1e-2)
+        assert int(m.group(4)) > 0

@@ -98,12 +98,14 @@ def test_recommendation_checks_every_safety_set():
     assert recommend(rows)["weight"] == 0.2
 
 
-def test_recommendation_falls_back_to_safest_with_reason():
+def test_recommendation_falls_back_to_pre_when_no_merge_is_safe():
     rows = [_row("pre", 0, 0.0, 0.1), _row("linear", 0.3, 0.5, 0.5), _row("linear", 0.2, 0.3, 0.4),
             _row("post", 1, 0.9, 0.7)]
     rec = recommend(rows)
-    assert (rec["weight"], rec["qualified"]) == (0.2, False)
-    assert "safest" in rec["reason"]
+    assert (rec["method"], rec["weight"], rec["qualified"]) == ("pre", 0.0, False)
+    assert rec["key"] == "pre-0"
+    assert "keep pre, unmerged" in rec["reason"] and "linear λ=0.2" in rec["reason"]  # the safest named
+    assert len(rec["reason"].splitlines()) == 1
 
 
 def test_pareto_front_by_hand():

@@ -58,7 +58,8 @@ def command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept a model whose weights are "
                                       ".bin files (torch.load with weights_only=True)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="A progress bar; without it, one "
+                                  "line per logging step (step, loss, lr, tokens/s)."),
     ema: Optional[float] = typer.Option(
         None, "--ema", metavar="BETA",
         help="Also keep an EMA of the trained parameters in parameter space (Kim et al. 2025): "
@@ -80,7 +81,10 @@ def command(
         cpu_threads=cpu_threads, resume=resume, overwrite=overwrite, progress=progress, ema=ema,
         allow_pickle=allow_pickle,
     )
-    result = finetune(model, data, out, config)
+    from mergesafe.finetune.callbacks import LogLinesCallback
+
+    # without the bar, one line per logging step (step, loss, lr, tokens/s) instead of silence
+    result = finetune(model, data, out, config, callbacks=None if progress else [LogLinesCallback()])
     print_summary(json.loads((result / MANIFEST).read_text()), result)
 
 

@@ -1,11 +1,14 @@
-"""Trainer callbacks: the ``train_log.jsonl`` writer and a rich progress bar."""
+"""Trainer callbacks: the ``train_log.jsonl`` writer, a rich progress bar, plain log lines."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import sys
+import time
 from pathlib import Path
+from typing import TextIO
 
 from transformers import TrainerCallback
 
@@ -58,6 +61,39 @@ class JsonlLogCallback(TrainerCallback):
         else:
             return
         self._flush()
+
+
+class LogLinesCallback(TrainerCallback):
+    """One plain line per logging step when the progress bar is off (`finetune --no-progress`):
+
+        step 20/200  loss 1.2345  lr 9.50e-05  tokens/s 1234
+
+    and ``step 40/200  val_loss 1.1000`` for each validation.  Tokens/s counts the non-padding
+    input tokens seen since the previous line over the wall time since then."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream
+        self.last: tuple[float, int] | None = None
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream or sys.stdout, flush=True)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = (time.perf_counter(), int(getattr(state, "num_input_tokens_seen", 0) or 0))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        where = f"step {state.global_step}/{state.max_steps}"
+        if "loss" in logs:
+            now, tokens = time.perf_counter(), int(getattr(state, "num_input_tokens_seen", 0) or 0)
+            t_prev, tok_prev = self.last or (now, tokens)
+            rate = (tokens - tok_prev) / (now - t_prev) if now > t_prev else float("nan")
+            self.last = (now, tokens)
+            self._print(f"{where}  loss {float(logs['loss']):.4f}  lr {float(logs.get('learning_rate', math.nan)):.2e}"
+                        f"  tokens/s {rate:.0f}")
+        elif "eval_loss" in logs:
+            self._print(f"{where}  val_loss {float(logs['eval_loss']):.4f}")
 
 
 class RichProgressCallback(TrainerCallback):

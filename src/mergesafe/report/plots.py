@@ -101,7 +101,8 @@ def category_figure(rows: list[Row], rec: dict[str, Any] | None) -> plt.Figure |
         return None
     fig, axes = plt.subplots(len(sets), 1, figsize=(8, 3.2 * len(sets)), dpi=110, squeeze=False)
     for ax, name in zip(axes[:, 0], sets):
-        cats = sorted({c for r in picks for c in ((r.get("safety") or {}).get(name, {}).get("categories") or {})})
+        cats = sorted({c for r in picks for c in ((r.get("safety") or {}).get(name, {}).get("categories") or {})},
+                      key=_natural)
         width = 0.8 / max(1, len(picks))
         for i, r in enumerate(picks):
             entry = (r.get("safety") or {}).get(name, {}).get("categories") or {}
@@ -122,3 +123,10 @@ def png_bytes(fig: plt.Figure) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def _natural(text: str) -> list:
+    """Sort key that puts category_2 before category_10."""
+    import re
+
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(text))]

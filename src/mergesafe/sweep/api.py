@@ -11,10 +11,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergesafe.checkpoint.atomic import signals_raise
 from mergesafe.errors import UserError
+from mergesafe.evaluate.harness import parse_result_key
 from mergesafe.sweep.grid import check_grid
-from mergesafe.sweep.results import ResultsStore, fingerprint, trial_key
+from mergesafe.sweep.lock import SweepLock
+from mergesafe.sweep.progress import TrialProgress
+from mergesafe.sweep.ray_pool import RayOptions, RayPool, require_ray
+from mergesafe.sweep.results import (ResultsStore, fingerprint, remove_generations, trial_key,
+                                     write_generations)
+from mergesafe.sweep.seeds import mean_over_posts
 from mergesafe.sweep.selection import mean_asr, pareto_front, recommend, task_score
+from mergesafe.sweep.worker import Trial, TrialWorker, WorkerSpec
 
 Row = dict[str, Any]
 
@@ -32,6 +40,8 @@ class SweepResult:
     notes: list[str] = field(default_factory=list)
     title: str = "mergesafe sweep"
     inputs: dict[str, str] = field(default_factory=dict)  # for the report: pre, post, judge
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: ray_connect, workers_ready, trials
+    seed_rows: list[Row] = field(default_factory=list)  # --each-post: the per-post rows behind `rows`
 
     def row(self, method: str, weight: float | None = None) -> Row | None:
         for r in self.rows:
@@ -50,6 +60,8 @@ def _eval_settings(config: Any) -> dict[str, Any]:
     for k in ("progress",):
         data.pop(k, None)
     files = [*config.safety, *config.over_refusal, *(p for p, _ in config.task)]
+    if getattr(config, "lm_eval_include", None):  # lm-eval task YAMLs (and data kept beside them)
+        files.append(config.lm_eval_include)
     data["files"] = [fingerprint(Path(f)) for f in files]
     return data
 
@@ -60,18 +72,26 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
           select_scorer: str | None = None, asr_tolerance: float = 0.02,
           refusal_tolerance: float = 0.02, save_best: bool = False, overwrite: bool = False,
           progress: bool = True, seed: int = 0, anchor: str | Path | None = None,
-          allow_pickle: bool = False, title: str | None = None) -> SweepResult:
+          allow_pickle: bool = False, title: str | None = None,
+          ray: RayOptions | None = None, each_post: bool = False) -> SweepResult:
     """Evaluate pre, post and every (method, λ) merge; write results and the recommendation.
 
     (The report is written by the caller: :func:`mergesafe.api.sweep`, the ``sweep`` command.)
     Each finished trial is appended to `OUT/results.jsonl` at once; running again skips the
     trials whose key (inputs, method, parameters, λ, seed, evaluation settings) is already there.
     `overwrite=True` starts from an empty results file (the old one is removed).
+    `each_post=True` (several posts: fine-tuning seeds) merges and evaluates each post on its own
+    and ranks the mean over posts (:mod:`mergesafe.sweep.seeds`); otherwise the posts' weights are
+    averaged into one merge.
+    `ray=RayOptions(...)` runs the trials on a Ray cluster (:mod:`mergesafe.sweep.ray_pool`); this
+    process alone writes the results either way.  One sweep at a time holds OUT
+    (:class:`~mergesafe.sweep.lock.SweepLock`); Ctrl-C or SIGTERM raises :class:`SweepInterrupted`
+    with every finished trial kept.
     """
     from mergesafe.checkpoint.chat_template import chat_template_source, check_chat_template
-    from mergesafe.checkpoint.hf_model import load_for_generation, load_tokenizer
+    from mergesafe.checkpoint.hf_model import load_tokenizer
     from mergesafe.checkpoint.inputs import check_not_input
-    from mergesafe.evaluate.api import evaluate_loaded, load_eval_sets, load_judge
+    from mergesafe.evaluate.api import load_eval_sets
     from mergesafe.merge.registry import validate_params
     from mergesafe.sweep.live import LiveMerge
 
@@ -89,9 +109,23 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
     check_grid(methods, weights)
     params = params or {}
     checked = {m: validate_params(m, dict(params.get(m, {}))) for m in methods}
+    each_post = each_post and len(posts) > 1
+    if each_post and save_best:
+        raise UserError("--save-best writes one model, but --each-post evaluates several posts: pick the "
+                        "post to ship and run `mergesafe merge` with the recommended method and λ",
+                        path="--save-best")
 
     select_set = None
-    if select_on is not None:
+    lm_eval_select = parse_result_key(str(select_on)) if select_on is not None else None
+    if lm_eval_select is not None:  # an lm-eval result: `lm-eval:TASK:METRIC` of a --lm-eval task
+        if not eval_config.lm_eval:
+            raise UserError(f"--select-on {select_on} needs --lm-eval with task {lm_eval_select[0]!r}",
+                            path="--select-on")
+        if select_scorer is not None:
+            raise UserError("--select-scorer is for a --select-on FILE, not an lm-eval result",
+                            path="--select-scorer")
+        select_set = str(select_on)  # its metric is checked once the tasks are loaded
+    elif select_on is not None:
         select_on = Path(select_on)
         scorer = select_scorer or (eval_config.task[0][1] if eval_config.task else None)
         if scorer is None:
@@ -106,6 +140,8 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
         raise UserError("exists and is not a folder", path=out)
     # everything that can be wrong with the input is found before OUT is created
     sets = load_eval_sets(eval_config)
+    if lm_eval_select is not None and sets.harness is not None:
+        sets.harness.check_key(select_set)
     settings = _eval_settings(eval_config)
     inputs = {"pre": fingerprint(pre), "posts": [fingerprint(p) for p in posts],
               "anchor": fingerprint(Path(anchor)) if anchor else None}
@@ -114,44 +150,54 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
     tokenizer = load_tokenizer(_tokenizer_source(pre, posts))
     check_chat_template(tokenizer, chat_template_source(tokenizer))
 
-    if overwrite and (out / "results.jsonl").exists():
-        (out / "results.jsonl").unlink()
-    with _kept_only_if_used(out):
+    spec = WorkerSpec(pre=pre, posts=posts, tokenizer_source=_tokenizer_source(pre, posts),
+                      eval_config=eval_config, seed=seed, anchor=Path(anchor) if anchor else None,
+                      allow_pickle=allow_pickle)
+    if ray is not None:
+        require_ray()
+    with _kept_only_if_used(out), SweepLock(out) as lock:
+        if overwrite and (out / "results.jsonl").exists():
+            (out / "results.jsonl").unlink()
+        if overwrite:
+            remove_generations(out)
         store = ResultsStore(out)
-        notes = []
+        notes = [lock.note] if lock.note else []
         if store.set_aside is not None:
             notes.append(f"{out / 'results.jsonl'} was written by an incompatible version; kept as "
                          f"{store.set_aside.name}, a new results file was started")
 
-        trials: list[tuple[str, float, dict[str, Any]]] = [("pre", 0.0, {}), ("post", 1.0, {})]
-        trials += [(m, float(w), checked[m]) for m in methods for w in weights]
-        keyed = [(m, w, p, trial_key(inputs=inputs, method=m, weight=w, params=p, seed=seed, eval=settings))
-                 for m, w, p in trials]
-        todo = [t for t in keyed if store.get(t[3]) is None]
+        merges = [("post", 1.0, {})] + [(m, float(w), checked[m]) for m in methods for w in weights]
+        if each_post:  # one unit per (post, method, λ), keyed as a one-post sweep of that post
+            units = [("pre", 0.0, {}, 0)] + [(m, w, p, i) for i in range(len(posts)) for m, w, p in merges]
+            keyed = [(m, w, p, trial_key(inputs=inputs | {"posts": [inputs["posts"][i]]}, method=m, weight=w,
+                                         params=p, seed=seed, eval=settings), None if m == "pre" else i)
+                     for m, w, p, i in units]
+        else:
+            keyed = [(m, w, p, trial_key(inputs=inputs, method=m, weight=w, params=p, seed=seed, eval=settings),
+                      None) for m, w, p in [("pre", 0.0, {}), *merges]]
+        todo = [Trial(m, w, p, k, i) for m, w, p, k, i in keyed if store.get(k) is None]
 
         computed = 0
+        timings: dict[str, float] = {}
         if todo:
-            model, _ = load_for_generation(pre, device=eval_config.device, allow_pickle=allow_pickle)
-            judge = load_judge(eval_config.judge, batch_size=eval_config.judge_batch_size,
-                               device=eval_config.device)
-            live = LiveMerge(model, live_inputs)
-            with _trial_progress(len(keyed), len(keyed) - len(todo), progress) as bar:
-                for method, weight, p, key in todo:
-                    t0 = time.perf_counter()
-                    live.apply(method, weight, p, seed)
-                    t1 = time.perf_counter()
-                    metrics = evaluate_loaded(model, tokenizer, sets, eval_config, judge=judge)
-                    t2 = time.perf_counter()
-                    row = {"method": method, "weight": weight, "params": p,
-                           "safety": metrics["safety"], "over_refusal": metrics["over_refusal"],
-                           "task": metrics["task"], "key": key, "seed": seed,
-                           "seconds": {"merge": round(t1 - t0, 4), "eval": round(t2 - t1, 4)}}
+            with TrialProgress(len(keyed), len(keyed) - len(todo), progress) as bar:
+                def finished(row: Row, generations: list[Row]) -> None:
+                    nonlocal computed
+                    write_generations(out, row["key"], generations)  # before the row: a row has its file
                     store.append(row)
                     computed += 1
-                    bar.advance(row, _best_so_far([store.get(k) for *_, k in keyed], asr_tolerance,
-                                                  refusal_tolerance, select_set))
+                    bar.advance(row, _best_so_far(_view([store.get(t[3]) for t in keyed], each_post),
+                                                  asr_tolerance, refusal_tolerance, select_set))
 
-        rows = [store.get(k) for *_, k in keyed]
+                try:
+                    with signals_raise():
+                        _run_trials(todo, spec, finished, bar, ray, sets=sets, inputs=live_inputs,
+                                    tokenizer=tokenizer, notes=notes, timings=timings)
+                except KeyboardInterrupt as err:
+                    raise SweepInterrupted(out, len(keyed) - len(todo) + computed, len(keyed),
+                                           getattr(err, "signum", None)) from None
+
+        rows = _view([store.get(t[3]) for t in keyed], each_post)
         rec = recommend(rows, asr_tolerance=asr_tolerance, refusal_tolerance=refusal_tolerance,
                         select_set=select_set)
         front = pareto_front(rows, select_set)
@@ -160,10 +206,14 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
                        "asr_tolerance": asr_tolerance, "refusal_tolerance": refusal_tolerance})
         result = SweepResult(rows=rows, recommendation=rec, front=front, out=out, select_set=select_set,
                              computed=computed, reused=len(keyed) - computed, notes=notes,
-                             title=title or "mergesafe sweep",
+                             title=title or "mergesafe sweep", timings=timings,
+                             seed_rows=[store.get(t[3]) for t in keyed] if each_post else [],
                              inputs={"pre": str(pre), "post": ", ".join(map(str, posts)),
                                      "judge": str(eval_config.judge)})
-        if save_best:
+        if save_best and rec["method"] == "pre":
+            notes.append(f"the recommendation is pre itself: --save-best wrote no merge to {out / 'best'} "
+                         f"(ship {pre} as it is)")
+        elif save_best:
             result.best_model = _save_best(pre, posts, out / "best", rec, seed, allow_pickle, anchor)
         return result
 
@@ -206,7 +256,7 @@ def _save_best(pre: Path, posts: list[Path], target: Path, rec: dict[str, Any], 
     from mergesafe.merge.api import merge
 
     method, weight = rec["method"], rec["weight"]
-    if method in ("pre", "post"):
+    if method == "post":
         method = "linear"
     n = len(posts)
     return merge(pre, posts if n > 1 else posts[0], target, method=method,
@@ -220,29 +270,41 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-class _trial_progress:
-    """A rich progress bar over trials that shows the best merge seen so far."""
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during the trials: the finished ones are in OUT/results.jsonl."""
 
-    def __init__(self, total: int, done: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled = total, done, enabled
-        self.best: tuple[float, str] | None = None
+    def __init__(self, out: Path, finished: int, total: int, signum: int | None) -> None:
+        super().__init__(f"interrupted after {finished} of {total} trials")
+        self.out, self.finished, self.total, self.signum = out, finished, total, signum
 
-    def __enter__(self) -> "_trial_progress":
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.progress = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(),
-                                     TimeRemainingColumn(), TextColumn("{task.description}"))
-            self.progress.start()
-            self.task = self.progress.add_task("", total=self.total, completed=self.done)
-        return self
+def _view(rows: list[Row | None], each_post: bool) -> list[Row]:
+    """The rows the front and the recommendation see: per-post rows averaged with --each-post."""
+    done = [r for r in rows if r is not None]
+    return mean_over_posts(done) if each_post else rows  # type: ignore[return-value]
 
-    def advance(self, row: Row, best: str) -> None:
-        if not self.enabled:
-            return
-        desc = f"last: {row['method']} λ={row['weight']:g}" + (f" · best so far: {best}" if best else "")
-        self.progress.update(self.task, advance=1, description=desc)
 
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self.progress.stop()
+def _run_trials(todo: list[Trial], spec: WorkerSpec, finished: Any, bar: TrialProgress,
+                ray: RayOptions | None, *, sets: Any, inputs: Any, tokenizer: Any, notes: list[str],
+                timings: dict[str, float]) -> None:
+    """Run `todo` in this process (one worker) or on Ray; `finished(row)` is called here for each.
+
+    `timings` gets the seconds spent joining the cluster, building the workers and running trials."""
+    t0 = time.perf_counter()
+    if ray is None:
+        worker = TrialWorker(spec, sets=sets, inputs=inputs, tokenizer=tokenizer)
+        timings["workers_ready"] = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for trial in todo:
+            bar.worker(0, trial.label)
+            finished(*worker.run(trial))
+        timings["trials"] = time.perf_counter() - t1
+        return
+    pool = RayPool(spec, ray)
+    try:
+        pool.run(todo, finished, bar)
+    finally:
+        notes.extend(pool.notes)
+        timings.update(ray_connect=pool.connect_seconds, workers_ready=pool.ready_seconds,
+                       trials=time.perf_counter() - t0 - pool.connect_seconds - pool.ready_seconds)
+        pool.close()

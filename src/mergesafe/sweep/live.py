@@ -68,14 +68,17 @@ class LiveMerge:
             self.params = dict(self.model.named_parameters())
 
     @torch.no_grad()
-    def apply(self, method: str, weight: float, params: dict[str, Any], seed: int) -> None:
+    def apply(self, method: str, weight: float, params: dict[str, Any], seed: int,
+              post: int | None = None) -> None:
         """Write the merge (method, λ = weight) of pre and the posts into the live model.
 
         `method` "pre" and "post" are λ = 0 and λ = 1 of `linear` (with several posts, "post" is
         their average).  Every other method goes through the engine's plan, exactly as the
-        streamed `mergesafe merge` does.
+        streamed `mergesafe merge` does.  `post=i` merges pre with the i-th post alone (one
+        fine-tuning seed of several).
         """
-        n = len(self.posts)
+        posts = self.posts if post is None else [self.posts[post]]
+        n = len(posts)
         if method in ("pre", "post"):
             plan = pair_plan("linear", {}, [0.0 if method == "pre" else 1.0 / n] * n, n)
         else:
@@ -84,9 +87,9 @@ class LiveMerge:
             if method == "pre" and self.pre[name].shape == param.shape:
                 merged = self.pre[name]
             elif method == "post" and n == 1:
-                merged = self.posts[0][name]
+                merged = posts[0][name]
             else:
-                merged = merge_pair(plan, name, self.pre[name], [store[name] for store in self.posts],
+                merged = merge_pair(plan, name, self.pre[name], [store[name] for store in posts],
                                     seed, anchor=self.anchor.get(name))
             if merged.shape != param.shape:
                 raise UserError(f"merged tensor '{name}' has shape {tuple(merged.shape)}, the model "

@@ -1,6 +1,7 @@
 """The sweep's results file: one JSON row per finished trial, appended at once, keyed by a hash.
 
-A killed sweep resumes by reading `results.jsonl` and skipping every key already there.  The
+Each trial's per-prompt rows (eval's `generations.jsonl` rows) are kept in
+`OUT/generations/KEY.jsonl`, written before the trial's row.  A killed sweep resumes by reading `results.jsonl` and skipping every key already there.  The
 key hashes the inputs (paths and file fingerprints), the method, its parameters, λ, the seed and
 the evaluation settings, so changing any of them starts new keys without losing old rows.  A
 file written by an incompatible version is renamed aside (never overwritten) and a new one begun.
@@ -18,6 +19,42 @@ from typing import Any
 
 RESULTS_VERSION = 1
 RESULTS_NAME = "results.jsonl"
+GENERATIONS_DIR = "generations"  # OUT/generations/KEY.jsonl: each trial's eval generations.jsonl rows
+
+
+def generations_path(out: Path, key: str) -> Path:
+    """Where the per-prompt rows (prompt, response, verdict) of the trial `key` are kept."""
+    return Path(out) / GENERATIONS_DIR / f"{key}.jsonl"
+
+
+def write_generations(out: Path, key: str, rows: Iterable[dict[str, Any]]) -> Path:
+    """Write a trial's rows atomically (a temporary file beside it, then renamed)."""
+    path = generations_path(out, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_generations(out: Path, key: str) -> list[dict[str, Any]] | None:
+    """A trial's rows, or None when they were not kept (a row of an older version)."""
+    path = generations_path(out, key)
+    if not path.is_file():
+        return None
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def remove_generations(out: Path) -> None:
+    folder = Path(out) / GENERATIONS_DIR
+    if folder.is_dir():
+        for f in folder.iterdir():
+            if f.is_file():
+                f.unlink()
+        folder.rmdir()
 
 
 def trial_key(**parts: Any) -> str:
