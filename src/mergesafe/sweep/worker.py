@@ -67,7 +67,8 @@ class TrialWorker:
                                            allow_pickle=spec.allow_pickle)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec.tokenizer_source)
         self.model, _ = load_for_generation(spec.pre, device=config.device, allow_pickle=spec.allow_pickle)
-        self.judge = load_judge(config.judge, batch_size=config.judge_batch_size, device=config.device)
+        self.judge = load_judge(config.judge, batch_size=config.judge_batch_size, device=config.device,
+                                model=getattr(config, "judge_model", None))
         self.live = LiveMerge(self.model, inputs)
 
     def ready(self) -> bool:
