@@ -16,7 +16,6 @@ On a machine with GPUs (a Ray cluster that has them) pass `--gpu`: one worker pe
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -46,15 +45,7 @@ def main() -> None:
     weights = [round(0.1 * i, 1) for i in range(1, 11)]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tok = tiny_models.make_tokenizer(tmp / "tok", vocab_size=512)
-        pre = tiny_models.make_llama(tmp / "pre", tok, hidden=256, layers=4, heads=8, kv_heads=4,
-                                     intermediate=688, shard=False)
-        post = tiny_models.make_post(pre, tmp / "post", scale=0.01, shard=False)
-        harm, task = tmp / "harm.jsonl", tmp / "task.jsonl"
-        harm.write_text("".join(json.dumps({"prompt": f"How do I do harmful thing number {i}?"}) + "\n"
-                                for i in range(args.prompts)))
-        task.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n"
-                                for i in range(args.prompts)))
+        pre, post, harm, task = tiny_models.make_bench_world(tmp, args.prompts)
         device = "cuda" if args.gpu else "cpu"
         cfg = EvalConfig(safety=[harm], task=[(task, "numeric")], max_new_tokens=args.max_new_tokens,
                          batch_size=32, device=device)

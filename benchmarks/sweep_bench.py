@@ -12,7 +12,6 @@ its report.  Target (issue 5): sweep ≤ 1.5 × the evaluations alone.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -41,16 +40,8 @@ def main() -> None:
     weights = [round(0.1 * i, 1) for i in range(1, 10)]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        tok = tiny_models.make_tokenizer(tmp / "tok", vocab_size=512)
-        pre = tiny_models.make_llama(tmp / "pre", tok, hidden=256, layers=4, heads=8, kv_heads=4,
-                                     intermediate=688, shard=False)
-        post = tiny_models.make_post(pre, tmp / "post", scale=0.01, shard=False)
+        pre, post, harm, task = tiny_models.make_bench_world(tmp, args.prompts)
         n_params = sum(p.numel() for p in load_model(pre)[0].parameters())
-        harm, task = tmp / "harm.jsonl", tmp / "task.jsonl"
-        harm.write_text("".join(json.dumps({"prompt": f"How do I do harmful thing number {i}?"}) + "\n"
-                                for i in range(args.prompts)))
-        task.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n"
-                                for i in range(args.prompts)))
         cfg = EvalConfig(safety=[harm], task=[(task, "numeric")], max_new_tokens=args.max_new_tokens,
                          batch_size=32)
         merged = [merge(pre, post, tmp / f"m{w}", method="linear", weight=w) for w in weights]

@@ -48,3 +48,11 @@ def tiny_post2(tmp_path_factory, tiny_pre) -> Path:
 @pytest.fixture(scope="session")
 def tiny_lora(tmp_path_factory, tiny_pre) -> Path:
     return tiny_models.make_lora(tiny_pre, tmp_path_factory.mktemp("lora") / "adapter")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """SmolLM2-135M-Instruct as a cached float32 checkpoint (tests/smollm2.py; .venv-vllm only)."""
+    import smollm2 as _smollm2
+
+    return _smollm2.smollm2_checkpoint()

@@ -106,3 +106,20 @@ def make_lora(pre: Path, out: Path, *, r: int = 4, alpha: int = 8, seed: int = 2
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def make_bench_world(folder: Path, prompts: int) -> tuple[Path, Path, Path, Path]:
+    """The benchmarks' pair (a ~3.4M-parameter Llama, the miniature world's size, and a post
+    0.01 away) and two prompt sets of `prompts` rows: (pre, post, harmful set, numeric task set)."""
+    import json
+
+    tok = make_tokenizer(folder / "tok", vocab_size=512)
+    pre = make_llama(folder / "pre", tok, hidden=256, layers=4, heads=8, kv_heads=4, intermediate=688,
+                     shard=False)
+    post = make_post(pre, folder / "post", scale=0.01, shard=False)
+    harm, task = folder / "harm.jsonl", folder / "task.jsonl"
+    harm.write_text("".join(json.dumps({"prompt": f"How do I do harmful thing number {i}?"}) + "\n"
+                            for i in range(prompts)))
+    task.write_text("".join(json.dumps({"prompt": f"What is {i} plus {i}?", "answer": str(2 * i)}) + "\n"
+                            for i in range(prompts)))
+    return pre, post, harm, task

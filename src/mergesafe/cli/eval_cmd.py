@@ -21,14 +21,20 @@ from mergesafe.cli.options import (
     BERTSCORE_LAYER,
     BERTSCORE_MODEL,
     BERTSCORE_RESCALE,
+    GPU_MEMORY_UTILIZATION,
     HUMANEVAL_TIMEOUT,
     HUMANEVAL_WORKERS,
+    JUDGE_HELP,
+    JUDGE_MODEL,
     LIMIT,
+    MAX_MODEL_LEN,
     NUM_SAMPLES,
     PASS_K,
     TEMPERATURE,
+    TENSOR_PARALLEL_SIZE,
     TOP_K,
     TOP_P,
+    VLLM_DTYPE,
     build_eval_config,
 )
 
@@ -56,8 +62,8 @@ def command(
     bertscore_model: Optional[Path] = BERTSCORE_MODEL,
     bertscore_layer: Optional[int] = BERTSCORE_LAYER,
     bertscore_rescale: bool = BERTSCORE_RESCALE,
-    judge: str = typer.Option("keyword", "--judge",
-                              help="keyword | llama-guard:PATH | wildguard:PATH | harmbench:PATH"),
+    judge: str = typer.Option("keyword", "--judge", help=JUDGE_HELP),
+    judge_model: Optional[str] = JUDGE_MODEL,
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="PEFT adapter folder on top of --model."),
     limit: Optional[list[str]] = LIMIT,
     sample: Optional[int] = typer.Option(None, "--sample", min=1, help="N random prompts of each set."),
@@ -85,7 +91,13 @@ def command(
     lm_eval_include: Optional[Path] = typer.Option(None, "--lm-eval-include", help="Folder of extra lm-eval "
                                                    "task YAMLs (e.g. with dataset_path: json and local "
                                                    "data_files); they override registry tasks of the same name."),
-    backend: str = typer.Option("transformers", "--backend", help="transformers | vllm"),
+    backend: str = typer.Option("transformers", "--backend", help="transformers | vllm (needs vLLM: pip "
+                                "install 'mergesafe\\[vllm]' on CPU, pip install vllm==0.32.0 on CUDA; a model "
+                                "folder, optionally with a LoRA --adapter; not with --lm-eval)."),
+    dtype: Optional[str] = VLLM_DTYPE,
+    max_model_len: Optional[int] = MAX_MODEL_LEN,
+    gpu_memory_utilization: Optional[float] = GPU_MEMORY_UTILIZATION,
+    tensor_parallel_size: Optional[int] = TENSOR_PARALLEL_SIZE,
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: auto)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin weights (torch.load "
@@ -99,6 +111,8 @@ def command(
         raise UserError("--model and --responses exclude each other: --model generates responses, "
                         "--responses FILE judges and scores saved ones" if model else
                         "give --model MODEL or --responses FILE (an earlier eval's generations.jsonl)")
+    engine = dict(dtype=dtype, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+                  tensor_parallel_size=tensor_parallel_size)
     if responses is not None and (adapter is not None or backend != "transformers"):
         raise UserError("--adapter and --backend need --model; --responses loads no model")
     config = build_eval_config(
@@ -108,8 +122,9 @@ def command(
         top_k=top_k, pass_k=pass_k, humaneval_timeout=humaneval_timeout, humaneval_workers=humaneval_workers,
         system_prompt=system_prompt, prompt_column=prompt_column,
         category_column=category_column, reference_column=reference_column, progress=progress,
-        device=device, allow_pickle=allow_pickle, lm_eval=lm_eval, lm_eval_include=lm_eval_include,
-        bertscore_model=bertscore_model, bertscore_layer=bertscore_layer, bertscore_rescale=bertscore_rescale)
+        device=device, allow_pickle=allow_pickle, lm_eval=lm_eval, lm_eval_include=lm_eval_include, **engine,
+        judge_model=judge_model, bertscore_model=bertscore_model, bertscore_layer=bertscore_layer,
+        bertscore_rescale=bertscore_rescale)
     if responses is not None and config.lm_eval:
         raise UserError("--lm-eval runs on a loaded model: give --model, not --responses", path="--lm-eval")
     if responses is not None:

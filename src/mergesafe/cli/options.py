@@ -44,6 +44,25 @@ BERTSCORE_LAYER = typer.Option(None, "--bertscore-layer", min=0, help="Layer of 
                                "a model it does not know).")
 BERTSCORE_RESCALE = typer.Option(False, "--bertscore-rescale", help="Rescale F1 with bert_score's English "
                                  "baseline for the model (off, as in the paper).")
+JUDGE_HELP = ("keyword | llama-guard:PATH | wildguard:PATH | harmbench:PATH | FORMAT@URL: a judge behind an "
+              "OpenAI-compatible chat endpoint (vllm serve, OpenAI), FORMAT one of wildguard, llama-guard, "
+              "harmbench, gpt (the paper's safe/unsafe/invalid labelling prompt), URL the API base, e.g. "
+              "wildguard@http://127.0.0.1:8000/v1. Its key is read from MERGESAFE_JUDGE_API_KEY (never "
+              "written anywhere); each request is tried at most 4 times, with exponential backoff.")
+JUDGE_MODEL = typer.Option(None, "--judge-model", help="Model of a FORMAT@URL judge, e.g. gpt-4o-mini "
+                           "(default: the first one the endpoint lists at GET URL/models).")
+# The vLLM engine (`--backend vllm` only; refused with the transformers backend).
+VLLM_DTYPE = typer.Option(None, "--dtype", help="--backend vllm: the engine's dtype, auto | float32 | "
+                          "bfloat16 | float16 (default: float32 on CPU, the checkpoint's on CUDA). On CPU a "
+                          "start-up check compares vLLM's first greedy tokens with transformers' (float32) "
+                          "and refuses a dtype that changes the text.")
+MAX_MODEL_LEN = typer.Option(None, "--max-model-len", min=16, help="--backend vllm: context length of the "
+                             "engine, prompt plus answer (default: the model's).")
+GPU_MEMORY_UTILIZATION = typer.Option(None, "--gpu-memory-utilization", min=0.01, max=1.0,
+                                      help="--backend vllm: share of the GPU's memory vLLM takes (vLLM's "
+                                           "default 0.92).")
+TENSOR_PARALLEL_SIZE = typer.Option(None, "--tensor-parallel-size", min=1, help="--backend vllm: GPUs one "
+                                    "engine spans (default 1).")
 LIMIT = typer.Option(None, "--limit", help="First N prompts of each set: N, or SET=N for one set (its "
                      "file stem) or one kind (safety, over-refusal, task); repeatable, e.g. --limit 100 "
                      "--limit over-refusal=50 --limit xstest=25 (a set's own limit wins over its kind's, "

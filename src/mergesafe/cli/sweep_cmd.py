@@ -23,6 +23,8 @@ from mergesafe.cli.options import (
     BERTSCORE_RESCALE,
     HUMANEVAL_TIMEOUT,
     HUMANEVAL_WORKERS,
+    JUDGE_HELP,
+    JUDGE_MODEL,
     LIMIT,
     NUM_SAMPLES,
     PASS_K,
@@ -68,8 +70,8 @@ def command(
                                                "exact, contains, choice, bertscore, humaneval (one value applies to all; "
                                                "humaneval: see "
                                                "--humaneval-timeout)."),
-    judge: str = typer.Option("keyword", "--judge", help="keyword | llama-guard:PATH | wildguard:PATH | "
-                              "harmbench:PATH"),
+    judge: str = typer.Option("keyword", "--judge", help=JUDGE_HELP),
+    judge_model: Optional[str] = JUDGE_MODEL,
     limit: Optional[list[str]] = LIMIT,
     sample: Optional[int] = typer.Option(None, "--sample", min=1, help="N random prompts of each set."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
@@ -132,7 +134,8 @@ def command(
     grid = parse_weights(weights)
     params = parse_method_params(list(param or []), method_list)
     config = build_eval_config(
-        safety=safety, over_refusal=over_refusal, task=task, scorer=scorer, judge=judge, limit=limit,
+        safety=safety, over_refusal=over_refusal, task=task, scorer=scorer, judge=judge,
+        judge_model=judge_model, limit=limit,
         sample=sample, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
         repetition_penalty=repetition_penalty, num_samples=num_samples, temperature=temperature, top_p=top_p,
         top_k=top_k, pass_k=pass_k, humaneval_timeout=humaneval_timeout, humaneval_workers=humaneval_workers,

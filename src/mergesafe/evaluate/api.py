@@ -28,25 +28,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from mergesafe.checkpoint.hf_model import load_for_generation, load_tokenizer, resolve_device
+from mergesafe.checkpoint.adapter import open_adapter
+from mergesafe.checkpoint.hf_model import (
+    has_tokenizer_files,
+    load_for_generation,
+    load_tokenizer,
+    resolve_device,
+)
 from mergesafe.checkpoint.inputs import check_not_input, open_model
 from mergesafe.errors import UserError
 from mergesafe.evaluate.config import EvalConfig
 from mergesafe.evaluate.harness import HarnessTasks, check_harness_config, load_harness_tasks
-from mergesafe.evaluate.generate import (
-    generate_responses,
-    generate_responses_vllm,
-    load_vllm,
-    require_vllm,
-    sampling_of,
-)
+from mergesafe.evaluate.generate import generate_responses, sampling_of
 from mergesafe.evaluate.judges.base import Judge, Judgement
 from mergesafe.evaluate.judges.keyword import is_refusal
-from mergesafe.evaluate.judges.registry import check_judge_spec, load_judge
+from mergesafe.evaluate.judges.registry import check_judge_spec, judge_folder, load_judge
 from mergesafe.evaluate.metrics import over_refusal_metrics, safety_metrics, task_metrics
 from mergesafe.evaluate.output import check_out, sha256_path, write_eval_dir
 from mergesafe.evaluate.prompts import PromptSet, load_prompt_file
 from mergesafe.evaluate.scorers.registry import get_scorer
+from mergesafe.evaluate.vllm_engine import VllmGenerator, check_engine_config, engine_dtype, require_vllm
 
 Generator = Callable[[Sequence[str], Callable[[int], None] | None], list[str]]
 
@@ -77,8 +78,9 @@ def load_eval_sets(config: EvalConfig) -> EvalSets:
                         "or --lm-eval tasks")
     if config.lm_eval:
         check_harness_config(config)
+    check_engine_config(config)
     if isinstance(config.judge, str):
-        check_judge_spec(config.judge)
+        check_judge_spec(config.judge, getattr(config, "judge_model", None))
     # limit/sample are applied while reading: `--limit 5` reads five rows of a big file
     common = dict(prompt_column=config.prompt_column, category_column=config.category_column,
                   sample=config.sample, seed=config.seed)
@@ -243,7 +245,8 @@ def evaluate_loaded(model, tokenizer, sets: EvalSets, config: EvalConfig, judge:
     """Evaluate an in-memory model (a `PreTrainedModel` or a `PeftModel`) on loaded sets.
 
     `judge` is reused when given (else loaded from `config.judge`); `generator(prompts, progress)`
-    replaces the transformers backend when given (vLLM, or a fixed-response fake in tests).
+    replaces the transformers backend when given (vLLM, or a fixed-response fake in tests); a
+    `VllmGenerator` is closed once every response is in, before the judge loads.
     With sampled decoding (`config.temperature > 0`) the task sets' prompts, each repeated
     `config.num_samples` times, go to `generator(prompts, progress, sampling)` (a `Sampling`);
     safety and over-refusal sets are always decoded greedily (the two-argument call).
@@ -282,8 +285,11 @@ def evaluate_loaded(model, tokenizer, sets: EvalSets, config: EvalConfig, judge:
                 responses[f"{s.kind}/{s.name}"] = flat[i:i + len(s.rows) * s.samples]
                 i += len(s.rows) * s.samples
         t_gen = time.perf_counter() - t0
+        if isinstance(generator, VllmGenerator):  # free the engine's memory before a judge loads
+            generator.close()
         if judge is None:
-            judge = load_judge(config.judge, batch_size=config.judge_batch_size, device=config.device)
+            judge = load_judge(config.judge, batch_size=config.judge_batch_size, device=config.device,
+                               model=getattr(config, "judge_model", None))
         n_judged = sum(len(s.rows) for s in sets.safety)
         if judge.can_judge_refusal:
             n_judged += sum(len(s.rows) for s in sets.over_refusal)
@@ -334,7 +340,7 @@ def evaluate(model: Any, out: str | Path | None = None, config: EvalConfig | Non
     config = config or EvalConfig()
     out = Path(out) if out is not None else None
     if out is not None:
-        judge_dir = config.judge.partition(":")[2] if isinstance(config.judge, str) else ""
+        judge_dir = judge_folder(config.judge) if isinstance(config.judge, str) else None
         check_not_input(out, [model if isinstance(model, (str, Path)) else None, adapter,
                               *config.safety, *config.over_refusal, *(p for p, _ in config.task),
                               judge_dir or None])
@@ -347,22 +353,26 @@ def evaluate(model: Any, out: str | Path | None = None, config: EvalConfig | Non
         path = Path(model)
         if not path.is_dir():
             raise UserError("model folder not found", path=path)
-        open_model(path, allow_pickle=config.allow_pickle).close()  # headers, config, no custom code
-        tok = tokenizer or load_tokenizer(path)
-
-        engine: list = []  # one vLLM engine for the greedy and the sampled calls
-
-        def generator(prompts, progress, sampling=None):
-            if not engine:
-                engine.append(load_vllm(path, Path(adapter) if adapter else None))
-            return generate_responses_vllm(path, prompts, tokenizer=tok, system_prompt=config.system_prompt,
-                                           max_new_tokens=config.max_new_tokens,
-                                           repetition_penalty=config.repetition_penalty,
-                                           adapter=Path(adapter) if adapter else None, sampling=sampling,
-                                           llm=engine[0])
-
-        return evaluate_loaded(None, tok, sets, config, judge=judge, out=out, model_name=str(path),
-                               overwrite=overwrite, generator=generator)
+        ck = open_model(path, allow_pickle=config.allow_pickle)  # headers, config, no custom code
+        adapter_dir = Path(adapter) if adapter is not None else None
+        try:
+            if adapter_dir is not None:
+                if not (adapter_dir / "adapter_config.json").is_file():
+                    raise UserError("adapter folder not found or has no adapter_config.json", adapter_dir)
+                open_adapter(adapter_dir, ck, allow_pickle=config.allow_pickle)  # fits the model, or one line
+        finally:
+            ck.close()
+        tok = tokenizer or load_tokenizer(adapter_dir if adapter_dir is not None and
+                                          has_tokenizer_files(adapter_dir) else path)
+        if config.dtype is None:  # the manifest records the dtype the engine runs in
+            config = config.model_copy(update={"dtype": engine_dtype(config)})
+        generator = VllmGenerator(path, tok, config, adapter=adapter_dir)  # starts on the first call
+        try:
+            return evaluate_loaded(None, tok, sets, config, judge=judge, out=out, overwrite=overwrite,
+                                   model_name=str(path) if adapter is None else f"{model}+{adapter}",
+                                   generator=generator)
+        finally:
+            generator.close()
     if isinstance(model, (str, Path)):
         name = str(model) if adapter is None else f"{model}+{adapter}"
         if judge is None:  # fail on a bad judge folder before loading the model

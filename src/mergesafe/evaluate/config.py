@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 
 class EvalConfig(BaseModel):
@@ -21,7 +21,14 @@ class EvalConfig(BaseModel):
     safety: list[Path] = Field(default_factory=list, description="harmful prompt sets (ASR)")
     over_refusal: list[Path] = Field(default_factory=list, description="benign prompt sets (refusal rate)")
     task: list[tuple[Path, str]] = Field(default_factory=list, description="(task file, scorer name)")
-    judge: str = Field("keyword", description="keyword | llama-guard:PATH | wildguard:PATH | harmbench:PATH")
+    judge: str = Field("keyword", description="keyword | llama-guard:PATH | wildguard:PATH | harmbench:PATH | "
+                                              "FORMAT@URL (an OpenAI-compatible chat endpoint; FORMAT: "
+                                              "wildguard, llama-guard, harmbench, gpt)")
+    # The served model of a FORMAT@URL judge (None: the first one the endpoint lists).  Left out of
+    # model_dump while None, so the sweep keys of every other judge stay as they were.  The
+    # endpoint's key is never a setting: it is read from MERGESAFE_JUDGE_API_KEY.
+    judge_model: str | None = Field(None, min_length=1, max_length=256,
+                                    description="model of a FORMAT@URL judge (default: the first listed)")
     limit: int | None = Field(None, ge=1, description="keep the first N prompts of each set")
     set_limits: dict[str, int] = Field(default_factory=dict,
                                        description="per-set limits: set name (file stem) or kind "
@@ -36,6 +43,16 @@ class EvalConfig(BaseModel):
     category_column: str | None = None
     reference_column: str | None = None
     backend: Literal["transformers", "vllm"] = "transformers"
+    # The vLLM engine's settings (`--backend vllm` only: refused with transformers; see
+    # evaluate/vllm_engine.py).  None: vLLM's default, except dtype: float32 on CPU, the
+    # checkpoint's on CUDA.  Left out of model_dump while None (`_DROP_WHEN_NONE`).
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None, description="vLLM dtype (default: float32 on CPU, the checkpoint's on CUDA)")
+    max_model_len: int | None = Field(None, ge=16, le=10_000_000,
+                                      description="vLLM context length (default: the model's)")
+    gpu_memory_utilization: float | None = Field(None, gt=0.0, le=1.0,
+                                                 description="share of GPU memory vLLM takes")
+    tensor_parallel_size: int | None = Field(None, ge=1, le=1024, description="GPUs per vLLM engine")
     progress: bool = False
     judge_batch_size: int = Field(8, ge=1)
     device: str | None = Field(None, description="torch device; default cuda when available, else cpu")
@@ -68,3 +85,18 @@ class EvalConfig(BaseModel):
     allow_pickle: bool = Field(False, exclude=True,
                                description="accept .bin (pickle) weights, loaded with "
                                            "torch.load(weights_only=True)")
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_optionals(self, handler):
+        """The dump without the optional settings that are None (`_DROP_WHEN_NONE`)."""
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in _DROP_WHEN_NONE:
+                if data.get(name, 0) is None:
+                    del data[name]
+        return data
+
+
+# Fields added after sweep keys existed: omitted from model_dump while None (keys stay the same).
+_DROP_WHEN_NONE: tuple[str, ...] = ("judge_model", "dtype", "max_model_len", "gpu_memory_utilization",
+                                    "tensor_parallel_size")

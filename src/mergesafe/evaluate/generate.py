@@ -12,14 +12,13 @@ torch RNG seeded with `Sampling.seed`, so the same seed, model, prompts and batc
 same samples, and the caller's global RNG state is left as it was.  Filters apply in
 transformers' order: temperature, then top-k, then top-p (nucleus, Holtzman et al. 2020).
 
-`vllm`: the same decoding through vLLM, when it is installed (a model folder only).
+`vllm`: the same prompts (these token ids) and decoding through vLLM, in `vllm_engine.py`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,10 +87,20 @@ def chat_texts(tokenizer, prompts: Sequence[str], system_prompt: str | None = No
     return out
 
 
+def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """The token ids both backends feed: rendered texts tokenized without special tokens (the
+    chat template wrote its own BOS, if any)."""
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
 def _eos_ids(model, tokenizer) -> list[int]:
+    return eos_token_ids(getattr(model, "generation_config", None), tokenizer)
+
+
+def eos_token_ids(generation_config, tokenizer) -> list[int]:
+    """The ids decoding stops at: the generation config's eos id(s), then the tokenizer's."""
     ids: list[int] = []
-    for source in (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                   tokenizer.eos_token_id):
+    for source in (getattr(generation_config, "eos_token_id", None), tokenizer.eos_token_id):
         if source is None:
             continue
         for i in (source if isinstance(source, (list, tuple)) else [source]):
@@ -138,7 +147,7 @@ def generate_texts(model, tokenizer, texts: Sequence[str], *, batch_size: int = 
 
 def _generate(model, tokenizer, texts: Sequence[str], gen_cfg: GenerationConfig, batch_size: int,
               eos: list[int], pad: int, device: torch.device, progress: Progress | None) -> list[str]:
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    encoded = encode_texts(tokenizer, texts)
     order = sorted(range(len(texts)), key=lambda i: -len(encoded[i]))
     results: list[str | None] = [None] * len(texts)
     was_training = model.training
@@ -183,50 +192,3 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], *, system_promp
     return generate_texts(model, tokenizer, chat_texts(tokenizer, prompts, system_prompt),
                           batch_size=batch_size, max_new_tokens=max_new_tokens,
                           repetition_penalty=repetition_penalty, progress=progress, sampling=sampling)
-
-
-def require_vllm() -> None:
-    """A clear error when `--backend vllm` is asked for and vLLM is not installed."""
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        raise UserError("--backend vllm needs the `vllm` package, which is not installed "
-                        "(pip install vllm, or use --backend transformers)") from None
-
-
-def load_vllm(model_path: Path, adapter: Path | None = None):
-    """A vLLM engine on a model folder (LoRA enabled when an adapter will be served)."""
-    require_vllm()
-    from vllm import LLM
-
-    return LLM(model=str(model_path), tokenizer=str(model_path), enable_lora=adapter is not None, seed=0)
-
-
-def generate_responses_vllm(model_path: Path, prompts: Sequence[str], *, tokenizer,
-                            system_prompt: str | None = None, max_new_tokens: int = 512,
-                            repetition_penalty: float = 1.2, adapter: Path | None = None,
-                            sampling: Sampling | None = None, llm=None) -> list[str]:
-    """The same decoding through vLLM (model folder, optional LoRA adapter): greedy, or sampled
-    with the same temperature/top-p/top-k and a per-prompt seed (`sampling.seed` + index), so
-    repeated prompts get different, reproducible samples.  `llm` reuses an engine of `load_vllm`."""
-    require_vllm()
-    from vllm import SamplingParams
-
-    llm = llm if llm is not None else load_vllm(model_path, adapter)
-    params: Any
-    if sampling is None:
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
-                                repetition_penalty=repetition_penalty)
-    else:
-        extra = {"top_k": sampling.top_k} if sampling.top_k else {}
-        params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
-                                 seed=sampling.seed + i, max_tokens=max_new_tokens,
-                                 repetition_penalty=repetition_penalty, **extra)
-                  for i in range(len(prompts))]
-    lora = None
-    if adapter is not None:
-        from vllm.lora.request import LoRARequest
-
-        lora = LoRARequest("adapter", 1, str(adapter))
-    outs = llm.generate(chat_texts(tokenizer, prompts, system_prompt), params, lora_request=lora)
-    return [o.outputs[0].text for o in outs]

@@ -39,7 +39,7 @@ from mergesafe.errors import UserError, echo
 from mergesafe.evaluate.api import EvalSets, load_eval_sets, score_responses
 from mergesafe.evaluate.config import EvalConfig
 from mergesafe.evaluate.judges.base import Judge
-from mergesafe.evaluate.judges.registry import load_judge
+from mergesafe.evaluate.judges.registry import judge_folder, load_judge
 from mergesafe.evaluate.output import check_out, sha256_path, write_eval_dir
 from mergesafe.evaluate.prompts import PromptSet, read_records
 
@@ -194,7 +194,7 @@ def evaluate_responses(responses: str | Path, out: str | Path | None = None, con
         raise UserError("--lm-eval runs on a model; it cannot score saved responses (drop --responses)")
     out = Path(out) if out is not None else None
     if out is not None:
-        judge_dir = config.judge.partition(":")[2] if isinstance(config.judge, str) else ""
+        judge_dir = judge_folder(config.judge) if isinstance(config.judge, str) else None
         check_not_input(out, [path, *config.safety, *config.over_refusal, *(p for p, _ in config.task),
                               judge_dir or None])
         check_out(out, overwrite)
@@ -207,7 +207,8 @@ def evaluate_responses(responses: str | Path, out: str | Path | None = None, con
     for s in sets.task:
         s.samples = matched.samples[f"task/{s.name}"]
     if judge is None:
-        judge = load_judge(config.judge, batch_size=config.judge_batch_size, device=config.device)
+        judge = load_judge(config.judge, batch_size=config.judge_batch_size, device=config.device,
+                           model=getattr(config, "judge_model", None))
     n_judged = sum(len(s.rows) for s in sets.safety)
     if judge.can_judge_refusal:
         n_judged += sum(len(s.rows) for s in sets.over_refusal)
