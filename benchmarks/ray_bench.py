@@ -66,7 +66,8 @@ def main() -> None:
         sides = [("Ray, 1 worker", 1)] + ([("Ray, 2 workers", 2)] if not args.gpu else
                                           [(f"Ray, {gpus} workers", gpus)])
         for name, n in sides:
-            rows.append(run(name, RayOptions(workers=n, gpus_per_worker=1 if args.gpu else None)))
+            rows.append(run(name, RayOptions(workers=n, gpus_per_worker=1 if args.gpu else None,
+                                             threads_per_worker=1)))
         ray.shutdown()
 
     print(f"12 trials: pre, post, linear λ = 0.1 … 1.0 step 0.1 (λ=1.0 merges again); {args.prompts} + "

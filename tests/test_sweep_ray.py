@@ -224,6 +224,7 @@ def test_worker_shape_follows_the_cluster():
     assert worker_shape({"CPU": 16.0, "GPU": 8.0}, RayOptions()).count == 8
     two = worker_shape({"CPU": 2.0}, RayOptions(workers=2))
     assert (two.count, two.cpus, two.threads) == (2, 1.0, 1)
+    assert worker_shape({"CPU": 2.0}, RayOptions(workers=1, threads_per_worker=1)).threads == 1
     over = worker_shape({"CPU": 2.0}, RayOptions(workers=4))
     assert over.cpus == 0.5 and over.threads == 1
     with pytest.raises(UserError, match="needs 6 GPUs"):

@@ -65,11 +65,13 @@ def require_ray() -> Any:
 
 @dataclass(frozen=True)
 class RayOptions:
-    """`--ray-address`, `--workers`, `--gpus-per-worker` (None: chosen from the cluster)."""
+    """`--ray-address`, `--workers`, `--gpus-per-worker` (None: chosen from the cluster), and the
+    torch threads of each worker (API only; None: its share of the cluster's cores)."""
 
     address: str | None = None
     workers: int | None = None
     gpus_per_worker: float | None = None
+    threads_per_worker: int | None = None  # torch threads of each worker (default: its share of cores)
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,8 @@ def worker_shape(resources: dict[str, float], options: RayOptions) -> WorkerShap
     worker_cpus = float(int(share)) if share >= 1 else share  # fractional shares when oversubscribed
     if per_gpu:
         worker_cpus = min(worker_cpus, 1.0)
-    return WorkerShape(count=count, cpus=worker_cpus, gpus=per_gpu, threads=max(1, int(share)))
+    threads = options.threads_per_worker or max(1, int(share))
+    return WorkerShape(count=count, cpus=worker_cpus, gpus=per_gpu, threads=threads)
 
 
 def connect(address: str | None) -> bool:
