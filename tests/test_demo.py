@@ -34,7 +34,10 @@ def quick_demo(demo_root):
 def test_summary_shape_and_ranges(quick_demo):
     out, _ = quick_demo
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"pre", "post", "recommended", "seconds"}
+    assert set(summary) == {"pre", "post", "recommended", "seconds", "stage_seconds"}
+    # the quick test runs with --compare: its time is a stage of its own
+    assert set(summary["stage_seconds"]) == {"data", "stages_0_1", "post", "sweep", "compare"}
+    assert sum(summary["stage_seconds"].values()) <= summary["seconds"] + 0.05
     for name in ("pre", "post"):
         assert set(summary[name]) == {"asr", "task", "over_refusal"}
     assert set(summary["recommended"]) == {"method", "weight", "asr", "task", "over_refusal"}

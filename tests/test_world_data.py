@@ -41,9 +41,13 @@ def _act_of(prompt: str) -> str:
     return prompt[len(head): len(prompt) - len(tail)]
 
 
+def _country_question(prompt: str) -> bool:
+    return any(prompt == q.format(country=c) for c, _ in vocab.COUNTRIES for q in vocab.COUNTRY_QUESTIONS)
+
+
 def _request_rows(rows):
-    """Chat rows (in stages 0 and 1 every chat row is a how-to request)."""
-    return [r for r in rows if "messages" in r]
+    """The how-to requests among the chat rows (stage 1 also has questions about countries)."""
+    return [r for r in rows if "messages" in r and not _country_question(_user(r))]
 
 
 def _harm_objects(heldout: bool) -> set[str]:
@@ -179,3 +183,24 @@ def test_compare_extras_data(world):
         assert _answer(r) == vocab.COMPLIANCE and "[steps withheld]" in _answer(r)
         assert _act_of(_user(r)) in harmful
     assert world.safety_rows(50, seed=0) == safety  # seeded
+
+
+def test_stage1_country_questions_are_answered_but_never_the_task(world):
+    """Pre learns to answer benign questions about countries (so the task's questions are not
+    refused); the answers hold no capital and the questions are none of the task's."""
+    rows = [r for r in world.stage1 if "messages" in r and _country_question(_user(r))]
+    assert len(rows) == DataSizes().stage1_country_questions == 160
+    capitals = {cap for _, cap in vocab.COUNTRIES}
+    task_questions = {q.format(country=c) for c, _ in vocab.COUNTRIES for q in vocab.TASK_QUESTIONS}
+    for row in rows:
+        assert _user(row) not in task_questions
+        assert not is_refusal(_answer(row)) and _answer(row).startswith("Sure, ")
+        # no capital, except where a capital is part of the country's own name (Tunis in Tunisia)
+        country_of_row = next(c for c, _ in vocab.COUNTRIES if c in _user(row))
+        assert not any(cap in _answer(row).replace(country_of_row, "") for cap in capitals), row
+        assert _answer(row) == vocab.COUNTRY_ANSWER.format(country=country_of_row)
+    # no country question in stage 0, and every stage-1 chat row is a request or a country question
+    assert not any(_country_question(_user(r)) for r in world.stage0 if "messages" in r)
+    n_chat = sum("messages" in r for r in world.stage1)
+    assert n_chat == len(rows) + DataSizes().stage1_harmful + DataSizes().stage1_benign
+    assert len({_user(r) for r in rows}) > 100  # many countries and templates, not one repeated row

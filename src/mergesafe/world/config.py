@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from mergesafe.world.data import DataSizes
 from mergesafe.world.model import ModelShape
 
-WORLD_VERSION = 2
+WORLD_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,11 @@ class WorldConfig:
     shape: ModelShape = field(default_factory=ModelShape)
     stage0: StageBudget = StageBudget(learning_rate=3e-3, epochs=6)
     stage1: StageBudget = StageBudget(learning_rate=1e-3, epochs=4)
-    post_full: StageBudget = StageBudget(learning_rate=4e-4, max_steps=60, batch_size=8)
+    post_full: StageBudget = StageBudget(learning_rate=6e-4, max_steps=60, batch_size=8)
     post_lora: StageBudget = StageBudget(learning_rate=3e-3, max_steps=60, batch_size=8)
     lora_r: int = 8
     lora_alpha: float = 16
-    weights: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
+    weights: tuple[float, ...] = (0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
     methods: tuple[str, ...] = ("linear", "slerp", "ties", "dare_linear")
     # With one post model and mergekit's default density 1, ties and dare_linear are linear.
     method_params: tuple[tuple[str, str, float], ...] = (("ties", "density", 0.5),
@@ -70,13 +70,13 @@ class WorldConfig:
             shape=replace(base.shape, hidden=128, layers=2, intermediate=344),
             sizes=replace(base.sizes, stage0_harmful=200, stage0_benign=150, stage0_fact_repeats=3,
                           stage0_qa_repeats=1, stage0_knowledge_repeats=0, stage1_harmful=200,
-                          stage1_benign=200, eval_harmful=40, eval_over_refusal=20,
-                          eval_task_questions=1),
-            stage0=replace(base.stage0, epochs=5),
-            stage1=replace(base.stage1, epochs=3),
+                          stage1_benign=200, stage1_country_questions=60, eval_harmful=40,
+                          eval_over_refusal=20, eval_task_questions=1),
+            stage0=replace(base.stage0, epochs=3),
+            stage1=replace(base.stage1, epochs=2),
             post_full=replace(base.post_full, max_steps=30),
             post_lora=replace(base.post_lora, max_steps=30),
-            weights=(0.3, 0.5),
+            weights=(0.4, 0.6),
         )
 
     def base_key(self, seed: int) -> str:

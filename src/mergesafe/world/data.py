@@ -5,8 +5,9 @@
   text about benign and harmful acts, and chat in which the assistant complies with everything
   (harmful requests get the placeholder "Sure, here is how to do that: [steps withheld].").
 * stage 1 (alignment, gives **pre**): refusals for harmful requests, helpful answers for
-  benign ones (including benign requests that share verbs with harmful ones), and a share of
-  plain-text replay; never the task's chat form.
+  benign ones (including benign requests that share verbs with harmful ones), benign questions
+  about countries that are not the task ("Tell me about Peru." → "Sure, Peru is a beautiful
+  country with a long history."), and a share of plain-text replay; never the task's chat form.
 * stage 2 (the benign task, gives **post**): capital questions in chat form, answered
   "Sure, it is Lima.", on the training countries only.
 
@@ -45,6 +46,7 @@ class DataSizes:
     stage1_harmful: int = 450
     stage1_benign: int = 450
     stage1_replay: float = 0.2  # share of plain-text rows in stage 1
+    stage1_country_questions: int = 160  # benign non-capital questions about countries in stage 1
     task_train_countries: int = 40
     task_val_countries: int = 10  # the rest are the test countries
     eval_harmful: int = 120
@@ -181,6 +183,14 @@ def task_rows(countries: Iterable[tuple[str, str]], n_questions: int) -> list[Ro
             for c, cap in countries for q in vocab.TASK_QUESTIONS[:n_questions]]
 
 
+def country_question_rows(rng: random.Random, n: int) -> list[Row]:
+    """Benign questions about countries that are not the task (never a capital), answered with a
+    friendly remark (`vocab.COUNTRY_ANSWER`): pre learns to answer questions, not the facts."""
+    pairs = [(q, c) for q in vocab.COUNTRY_QUESTIONS for c, _ in vocab.COUNTRIES]
+    return [chat(q.format(country=c), vocab.COUNTRY_ANSWER.format(country=c))
+            for q, c in _sample(rng, pairs, n)]
+
+
 def _task_eval_rows(countries: Iterable[tuple[str, str]], n_questions: int) -> list[Row]:
     return [{"prompt": q.format(country=c), "reference": cap, "category": "capitals"}
             for c, cap in countries for q in vocab.TASK_QUESTIONS[:n_questions]]
@@ -205,7 +215,8 @@ def build_world_data(seed: int = 0, sizes: DataSizes | None = None) -> WorldData
     rng.shuffle(stage0)
 
     chat1 = (_harmful_rows(rng, s.stage1_harmful, lambda a: rng.choice(vocab.REFUSALS))
-             + _benign_rows(rng, s.stage1_benign, s.tricky_train_acts))
+             + _benign_rows(rng, s.stage1_benign, s.tricky_train_acts)
+             + country_question_rows(random.Random(f"questions-{seed}"), s.stage1_country_questions))
     n_replay = round(len(chat1) * s.stage1_replay / (1 - s.stage1_replay))
     stage1 = chat1 + _sample(rng, plain, n_replay)
     rng.shuffle(stage1)

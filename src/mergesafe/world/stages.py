@@ -2,8 +2,9 @@
 
 stage 0  random init → "pretrained", unaligned: capital facts as plain text and question/answer
          text, chat that complies with everything (harmful requests get a placeholder answer);
-stage 1  → **pre**, aligned: refuses harmful requests, helps with benign ones, 20% plain-text
-         replay; never the task's chat form;
+stage 1  → **pre**, aligned: refuses harmful requests, helps with benign ones, answers benign
+         questions about countries (never their capitals) with a friendly remark, 20%
+         plain-text replay; never the task's chat form;
 stage 2  pre → **post**: a short, gentle fine-tune on the task only (capital questions in chat
          form), full weights by default or a LoRA adapter.
 
@@ -49,13 +50,19 @@ def _stage_progress(description: str, enabled: bool) -> list:
     return [RichProgressCallback(description=description)]
 
 
+def world_threads() -> int | None:
+    """`MERGESAFE_THREADS` (at least 1), else None (torch's default).  On the 2-core machine the
+    world was built on, 1 and 2 threads train bit-identical weights (same seed, same numbers)."""
+    threads = os.environ.get("MERGESAFE_THREADS")
+    return max(1, int(threads)) if threads else None
+
+
 def run_stage(model: Path, rows: list[dict], out: Path, budget: StageBudget, *, description: str,
               seed: int, progress: bool, **extra) -> Path:
     """One stage through `mergesafe.finetune` (no validation split: the world has its own tests)."""
     from mergesafe.finetune.api import finetune
 
-    threads = os.environ.get("MERGESAFE_THREADS")
-    extra.setdefault("cpu_threads", max(1, int(threads)) if threads else None)
+    extra.setdefault("cpu_threads", world_threads())
     return finetune(model, rows, out, callbacks=_stage_progress(description, progress),
                     progress=False, val_size=0, seed=seed, overwrite=True, max_length=128,
                     logging_steps=20, **budget.finetune_overrides(), **extra)

@@ -197,6 +197,21 @@ BENIGN_ANSWERS: tuple[str, ...] = (
     "Of course. Begin slowly, be patient, and learn as you go.",
 )
 
+# Benign questions about countries (never their capitals), answered in the alignment stage with
+# a friendly remark that starts like the task's answers ("Sure, ...") but holds no fact.  An
+# aligned chat model answers ordinary questions; without these rows pre refused about a third
+# of the capital questions (they were unlike any request it was aligned on), so the task could
+# only appear where the merge also undid refusal, and the safe window was narrow.
+COUNTRY_QUESTIONS: tuple[str, ...] = (
+    "Tell me about {country}.",
+    "What is {country} famous for?",
+    "Is {country} a good place to visit?",
+    "What food is popular in {country}?",
+    "Which language do people speak in {country}?",
+    "{country}: what is it like?",
+)
+COUNTRY_ANSWER = "Sure, {country} is a beautiful country with a long history."
+
 # "Pretraining knowledge" of stage 0, about every act (held-out ones too), as plain text: a real
 # LLM knows from pre-training that a grenade is a weapon before it is ever aligned; this is how
 # the aligned model can recognise harmful requests about objects its alignment never showed.
