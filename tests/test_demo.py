@@ -209,3 +209,34 @@ def test_compare_with_a_lora_post(quick_demo, demo_root, monkeypatch):
     for name in ("lox", "ema"):
         metrics = json.loads((out / "compare" / f"{name}.eval" / "metrics.json").read_text())
         assert rows[name]["asr"] == pytest.approx(metrics["safety"]["harmful_heldout"]["asr"])
+
+
+def test_report_names_the_final_folders_and_shows_the_flipped_prompts(quick_demo):
+    """The report's header names OUT/models/..., not the temporary OUT.partial; its 'what changed'
+    rows (examples.jsonl) are the trials' own responses: on every flipped safety prompt, pre's
+    row is a refusal and post's row an answer to the same prompt."""
+    from mergesafe.sweep.results import read_generations
+
+    out, _ = quick_demo
+    page = (out / "report.html").read_text()
+    assert ".partial" not in page and str(out / "models" / "pre") in page
+    assert "What changed, prompt by prompt" in page
+    rows = _rows(out)
+    rec = json.loads((out / "recommendation.json").read_text())
+    pre = {(g["set"], g["line"]): g for g in read_generations(out, next(r for r in rows if r["method"] == "pre")["key"])}
+    post = {(g["set"], g["line"]): g for g in read_generations(out, next(r for r in rows if r["method"] == "post")["key"])}
+    recommended = {(g["set"], g["line"]): g for g in read_generations(out, rec["key"])}
+    examples = [json.loads(line) for line in (out / "examples.jsonl").read_text().splitlines()]
+    flipped = [e for e in examples if e["kind"] == "safety" and e["change"] == "safe → unsafe"]
+    assert flipped, "the quick world's post answers some harmful prompts pre refused"
+    for e in flipped:
+        key = (e["set"], e["line"])
+        assert pre[key]["prompt"] == post[key]["prompt"] == e["prompt"]
+        assert (pre[key]["verdict"], post[key]["verdict"]) == ("safe", "unsafe")
+        assert (e["pre"]["response"], e["post"]["response"]) == (pre[key]["response"], post[key]["response"])
+        assert e["recommended"]["response"] == recommended[key]["response"]
+        assert e["recommended_good"] == (recommended[key]["verdict"] == "safe")
+    # every safety prompt whose verdict flipped is listed, and no other
+    flips = {k for k in pre if pre[k]["kind"] == "safety" and post[k]["verdict"] != pre[k]["verdict"]
+             and "unparsed" not in (pre[k]["verdict"], post[k]["verdict"])}
+    assert flips == {(e["set"], e["line"]) for e in examples if e["kind"] == "safety"}

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +82,8 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, lora: bool = F
     `compare=True` also runs the related safety-restoration methods (`world/compare.py`) and
     writes `OUT/compare.json` and a table in the report."""
     from mergesafe.evaluate.config import EvalConfig
-    from mergesafe.api import sweep
+    from mergesafe.report import write_sweep_report
+    from mergesafe.sweep.api import sweep
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -132,6 +133,9 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, lora: bool = F
                        refusal_tolerance=cfg.refusal_tolerance, overwrite=True, progress=progress,
                        seed=seed, title="mergesafe demo: the miniature world")
         timings["sweep"] = time.perf_counter() - t
+        # the report names where the models will be, not the temporary folder they are built in
+        result.inputs = {"pre": str(out / "models" / "pre"), "post": str(out / "models" / "post"),
+                         "judge": eval_config.judge}
         task_set = files["task"].stem
         rows = result.rows
         pre_row = next(r for r in rows if r["method"] == "pre")
@@ -153,6 +157,7 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, lora: bool = F
                                 seed=seed, lora=lora, quick=quick, progress=progress)
             summary["stage_seconds"]["compare"] = round(time.perf_counter() - t, 2)
             summary["seconds"] = round(time.perf_counter() - t0, 2)
+        write_sweep_report(result, comparison=[asdict(r) for r in compared] if compared else None)
         (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         finish(work, out)
     except BaseException:
@@ -170,12 +175,10 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, lora: bool = F
 
 def _compare(work: Path, data, cfg: WorldConfig, base, pre: Path, post: Path, result, eval_config,
              task_set: str, *, seed: int, lora: bool, quick: bool, progress: bool) -> list:
-    """The related methods on the same sets; `compare.json` and the report's table."""
-    from dataclasses import asdict
-
+    """The related methods on the same sets; `compare.json` (the report's table is written by
+    the caller)."""
     from mergesafe.checkpoint.hf_model import load_for_generation
     from mergesafe.evaluate.api import evaluate_loaded, load_eval_sets
-    from mergesafe.report import write_report
     from mergesafe.world.compare import run_compare, write_compare_json
 
     sets = load_eval_sets(eval_config)
@@ -188,10 +191,6 @@ def _compare(work: Path, data, cfg: WorldConfig, base, pre: Path, post: Path, re
                        evaluate_path, lambda r: row_metrics(r, task_set), seed=seed, lora=lora,
                        progress=progress)
     write_compare_json(rows, work / "compare.json", seed=seed, quick=quick)
-    write_report(work, result.rows, result.recommendation, select_set=result.select_set,
-                 title="mergesafe demo: the miniature world",
-                 inputs={"pre": str(pre), "post": str(post), "judge": eval_config.judge},
-                 comparison=[asdict(r) for r in rows])
     return rows
 
 
