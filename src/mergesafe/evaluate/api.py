@@ -237,6 +237,20 @@ def _row(s: PromptSet, r, response: str, verdict: str, raw: str) -> dict:
             "verdict": verdict, "judge_raw": raw, "category": r.category}
 
 
+def config_judge(config: EvalConfig) -> Judge:
+    """The judge `config.judge` names, loaded (an endpoint judge asks for `config.judge_model`)."""
+    return load_judge(config.judge, batch_size=config.judge_batch_size, device=config.device,
+                      model=config.judge_model)
+
+
+def judged_count(sets: EvalSets, judge: Judge) -> int:
+    """Responses the judge reads: the safety sets', and the over-refusal sets' when it can tell refusals."""
+    n = sum(len(s.rows) for s in sets.safety)
+    if judge.can_judge_refusal:
+        n += sum(len(s.rows) for s in sets.over_refusal)
+    return n
+
+
 # --------------------------------------------------------------------------- running
 
 def evaluate_loaded(model, tokenizer, sets: EvalSets, config: EvalConfig, judge: Judge | None = None,
@@ -287,12 +301,8 @@ def evaluate_loaded(model, tokenizer, sets: EvalSets, config: EvalConfig, judge:
         t_gen = time.perf_counter() - t0
         if isinstance(generator, VllmGenerator):  # free the engine's memory before a judge loads
             generator.close()
-        if judge is None:
-            judge = load_judge(config.judge, batch_size=config.judge_batch_size, device=config.device,
-                               model=getattr(config, "judge_model", None))
-        n_judged = sum(len(s.rows) for s in sets.safety)
-        if judge.can_judge_refusal:
-            n_judged += sum(len(s.rows) for s in sets.over_refusal)
+        judge = judge or config_judge(config)
+        n_judged = judged_count(sets, judge)
         metrics, rows = score_responses(sets, responses, judge, model_name=name,
                                         progress=start("judging", n_judged) if n_judged else None,
                                         config=config)

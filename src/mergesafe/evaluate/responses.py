@@ -36,10 +36,10 @@ from typing import Any
 
 from mergesafe.checkpoint.inputs import check_not_input
 from mergesafe.errors import UserError, echo
-from mergesafe.evaluate.api import EvalSets, load_eval_sets, score_responses
+from mergesafe.evaluate.api import EvalSets, config_judge, judged_count, load_eval_sets, score_responses
 from mergesafe.evaluate.config import EvalConfig
 from mergesafe.evaluate.judges.base import Judge
-from mergesafe.evaluate.judges.registry import judge_folder, load_judge
+from mergesafe.evaluate.judges.registry import judge_folder
 from mergesafe.evaluate.output import check_out, sha256_path, write_eval_dir
 from mergesafe.evaluate.prompts import PromptSet, read_records
 
@@ -206,12 +206,8 @@ def evaluate_responses(responses: str | Path, out: str | Path | None = None, con
                       stacklevel=2)
     for s in sets.task:
         s.samples = matched.samples[f"task/{s.name}"]
-    if judge is None:
-        judge = load_judge(config.judge, batch_size=config.judge_batch_size, device=config.device,
-                           model=getattr(config, "judge_model", None))
-    n_judged = sum(len(s.rows) for s in sets.safety)
-    if judge.can_judge_refusal:
-        n_judged += sum(len(s.rows) for s in sets.over_refusal)
+    judge = judge or config_judge(config)
+    n_judged = judged_count(sets, judge)
     with _judging_bar(config.progress, n_judged) as progress:
         metrics, rows = score_responses(sets, matched.responses, judge, model_name=str(path),
                                         progress=progress, config=config)

@@ -54,7 +54,7 @@ class TrialWorker:
         import torch
 
         from mergesafe.checkpoint.hf_model import load_for_generation, load_tokenizer
-        from mergesafe.evaluate.api import load_eval_sets, load_judge
+        from mergesafe.evaluate.api import config_judge, load_eval_sets
         from mergesafe.sweep.live import LiveMerge
 
         if spec.threads:
@@ -67,8 +67,7 @@ class TrialWorker:
                                            allow_pickle=spec.allow_pickle)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(spec.tokenizer_source)
         self.model, _ = load_for_generation(spec.pre, device=config.device, allow_pickle=spec.allow_pickle)
-        self.judge = load_judge(config.judge, batch_size=config.judge_batch_size, device=config.device,
-                                model=getattr(config, "judge_model", None))
+        self.judge = config_judge(config)
         self.live = LiveMerge(self.model, inputs)
 
     def ready(self) -> bool:
