@@ -147,10 +147,11 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
               "anchor": fingerprint(Path(anchor)) if anchor else None}
     live_inputs = LiveMerge.open_inputs(pre, posts, anchor=Path(anchor) if anchor else None,
                                         allow_pickle=allow_pickle)
-    tokenizer = load_tokenizer(_tokenizer_source(pre, posts))
+    tokenizer_source = _tokenizer_source(pre, posts)
+    tokenizer = load_tokenizer(tokenizer_source)
     check_chat_template(tokenizer, chat_template_source(tokenizer))
 
-    spec = WorkerSpec(pre=pre, posts=posts, tokenizer_source=_tokenizer_source(pre, posts),
+    spec = WorkerSpec(pre=pre, posts=posts, tokenizer_source=tokenizer_source,
                       eval_config=eval_config, seed=seed, anchor=Path(anchor) if anchor else None,
                       allow_pickle=allow_pickle)
     if ray is not None:

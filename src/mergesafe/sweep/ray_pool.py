@@ -133,15 +133,16 @@ class RayPool:
         self.started = connect(options.address)
         self.connect_seconds = time.perf_counter() - t0
         self.ready_seconds = 0.0  # workers built (models loaded), after connecting
+        self.actors: list[Any] = []
+        self.notes: list[str] = []
         try:
             self.shape = worker_shape(ray.cluster_resources(), options)
             self.spec = WorkerSpec(**{**spec.__dict__, "threads": self.shape.threads})
             self.remote_class = ray.remote(RayWorker)
-            self.actors: list[Any] = [self._start(i) for i in range(self.shape.count)]
+            self.actors = [self._start(i) for i in range(self.shape.count)]
         except BaseException:
             self.close()
             raise
-        self.notes: list[str] = []
 
     def _start(self, index: int) -> Any:
         name = f"{WORKER_PREFIX}-{os.getpid()}-{index}"
@@ -180,10 +181,7 @@ class RayPool:
                 try:
                     row, generations = ray.get(ref)
                 except RayTaskError as err:  # the trial itself failed: the same error as in one process
-                    cause = getattr(err, "cause", None)
-                    if isinstance(cause, BaseException):
-                        raise cause from None
-                    raise
+                    _raise_cause(err)
                 except RayActorError as err:
                     attempts += 1
                     if attempts >= MAX_ATTEMPTS:
@@ -207,20 +205,25 @@ class RayPool:
             self.ray.get([a.ready.remote() for a in self.actors])
             self.ready_seconds = time.perf_counter() - t0
         except RayTaskError as err:
-            cause = getattr(err, "cause", None)
-            if isinstance(cause, BaseException):
-                raise cause from None
-            raise
+            _raise_cause(err)
         for i in range(len(self.actors)):
             bar.worker(i, "idle")
 
     def close(self) -> None:
         """Stop the workers (finished rows are already on disk); stop the cluster if we started it."""
         ray = self.ray
-        for actor in getattr(self, "actors", []):
+        for actor in self.actors:
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
         if self.started:
             ray.shutdown()
+
+
+def _raise_cause(err: BaseException) -> None:
+    """Raise the worker's own exception (a `UserError` stays one) instead of Ray's wrapper."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, BaseException):
+        raise cause from None
+    raise err
