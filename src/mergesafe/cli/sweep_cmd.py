@@ -2,7 +2,9 @@
 
 Pre (λ = 0) and post (λ = 1) are evaluated too.  Every finished trial is appended to
 OUT/results.jsonl at once, so running the same command again after a kill resumes.  Writes
-OUT/recommendation.json, OUT/report.html (self-contained, plots embedded) and OUT/frontier.png.
+OUT/recommendation.json, OUT/report.html (self-contained, plots embedded; it opens with the prompts
+whose verdict flipped), OUT/examples.jsonl, OUT/frontier.png, and each trial's responses in
+OUT/generations/KEY.jsonl.  --ray spreads the trials over a Ray cluster.
 Example: mergesafe sweep --pre PRE --post POST --out OUT --methods linear,slerp,ties,dare_linear
 --weights 0.1:0.9:0.1 --safety advbench.csv --over-refusal xstest.csv --task val.jsonl --scorer numeric.
 Recommendation: the highest task score among merges whose ASR on every safety set is at most the
