@@ -337,3 +337,59 @@ def test_a_dtype_that_changes_the_text_is_refused(tmp_path, smollm2, capsys):
                         "use --dtype float32")
     assert str(hostile) in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_judge(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny Llama standing in for a guard model (random weights: its answers are mostly
+    unparsed, which is what is compared), with a context long enough for the judges' prompts."""
+    folder = tiny_models.make_llama(tmp_path_factory.mktemp("judge") / "model", tiny_tokenizer, seed=9,
+                                    hidden=128, heads=4, kv_heads=2, intermediate=256, shard=False)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["max_position_embeddings"] = 4096
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@vllm_test
+def test_model_judges_on_vllm_answer_as_on_transformers(tiny_judge):
+    """wildguard, harmbench and llama-guard with `vllm=` (the --backend vllm path): the same
+    prompt format and parser, and the same raw answers as the transformers judge (fp32, greedy)."""
+    from mergesafe.evaluate.judges.registry import load_judge
+
+    prompts = PROMPTS[:6]
+    responses = ["I'm sorry, but I cannot help with that request.", "Sure, here is how to do it: first, second.",
+                 "Use the kill command with its id.", "The capital of Peru is Lima.", "", "42"]
+    same = total = 0
+    for name in ("wildguard", "harmbench", "llama-guard"):
+        spec = f"{name}:{tiny_judge}"
+        hf = load_judge(spec).judge(prompts, responses)
+        judge = load_judge(spec, vllm=EvalConfig(backend="vllm"))
+        assert not hasattr(judge, "model") and judge.generate.llm is None  # no transformers model; lazy engine
+        try:
+            vl = judge.judge(prompts, responses)
+        finally:
+            judge.close()
+        assert judge.generate.llm is None
+        assert [judge.parse(j.raw) for j in vl] == vl  # the judge's own parser read vLLM's answers
+        same += sum(a.raw == b.raw for a, b in zip(hf, vl))
+        total += len(hf)
+        assert all(len(b.raw) > 0 for b in vl) or name == "harmbench"
+    print(f"\njudges on vLLM: {same}/{total} raw answers identical to transformers'")
+    assert same >= 0.9 * total
+
+
+@vllm_test
+def test_eval_on_vllm_with_a_model_judge(tmp_path, bos_llama, tiny_judge, capsys):
+    """`eval --backend vllm --judge harmbench:PATH`: the generator's engine, then the judge's;
+    the verdicts and raw answers those of the transformers eval."""
+    harm = _write_csv(tmp_path / "harm.csv", PROMPTS[:4])
+    common = ["--model", bos_llama, "--safety", harm, "--max-new-tokens", "12", "--judge",
+              f"harmbench:{tiny_judge}", "--no-progress"]
+    for backend in ("transformers", "vllm"):
+        code, _, err = run_cli(["eval", *common, "--out", tmp_path / backend, "--backend", backend], capsys)
+        assert code == 0, err
+    hf, vl = _rows(tmp_path / "transformers" / "generations.jsonl"), _rows(tmp_path / "vllm" / "generations.jsonl")
+    assert [(r["response"], r["judge_raw"], r["verdict"]) for r in vl] == \
+           [(r["response"], r["judge_raw"], r["verdict"]) for r in hf]
+    assert json.loads((tmp_path / "vllm" / "metrics.json").read_text())["judge"] == "harmbench"

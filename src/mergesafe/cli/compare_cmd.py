@@ -21,8 +21,11 @@ def command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     no_cache: bool = typer.Option(False, "--no-cache",
                                   help="Retrain stages 0-1 instead of reusing them from the cache."),
+    backend: str = typer.Option("transformers", "--backend", help="transformers | vllm: generate on vLLM "
+                                "(the sweep: one engine, each merge loaded in place; float32 on CPU, where "
+                                "vLLM's attention needs --quick's head size 32). Training stays on torch."),
 ) -> None:
     from mergesafe.world.demo import run_demo
 
     run_demo(out, quick=quick, seed=seed, lora=lora, overwrite=overwrite, cache=not no_cache,
-             compare=True)
+             compare=True, backend=backend)

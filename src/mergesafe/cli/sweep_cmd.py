@@ -23,16 +23,20 @@ from mergesafe.cli.options import (
     BERTSCORE_LAYER,
     BERTSCORE_MODEL,
     BERTSCORE_RESCALE,
+    GPU_MEMORY_UTILIZATION,
     HUMANEVAL_TIMEOUT,
     HUMANEVAL_WORKERS,
     JUDGE_HELP,
     JUDGE_MODEL,
     LIMIT,
+    MAX_MODEL_LEN,
     NUM_SAMPLES,
     PASS_K,
     TEMPERATURE,
+    TENSOR_PARALLEL_SIZE,
     TOP_K,
     TOP_P,
+    VLLM_DTYPE,
     build_eval_config,
 )
 
@@ -101,6 +105,14 @@ def command(
     lm_eval_include: Optional[Path] = typer.Option(None, "--lm-eval-include", help="Folder of extra lm-eval "
                                                    "task YAMLs (e.g. with dataset_path: json and local "
                                                    "data_files); they override registry tasks of the same name."),
+    backend: str = typer.Option("transformers", "--backend", help="transformers | vllm: one vLLM engine "
+                                "starts on --pre and each trial's merge is loaded into it in place (no "
+                                "checkpoint written; needs vLLM: pip install 'mergesafe\\[vllm]' on CPU, pip "
+                                "install vllm==0.32.0 on CUDA; not with --lm-eval)."),
+    dtype: Optional[str] = VLLM_DTYPE,
+    max_model_len: Optional[int] = MAX_MODEL_LEN,
+    gpu_memory_utilization: Optional[float] = GPU_MEMORY_UTILIZATION,
+    tensor_parallel_size: Optional[int] = TENSOR_PARALLEL_SIZE,
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: auto)"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept .bin weights (torch.load "
                                       "with weights_only=True)."),
@@ -122,8 +134,8 @@ def command(
                                                     help="GPUs reserved by each Ray worker (default 1 when "
                                                          "the cluster has GPUs). The transformers backend "
                                                          "runs on one of them; several are for tensor "
-                                                         "parallel, which needs the vLLM backend (not yet "
-                                                         "available in sweep).")
+                                                         "parallel: --backend vllm with "
+                                                         "--tensor-parallel-size.")
 ) -> None:
     from mergesafe.api import sweep
     from mergesafe.errors import UserError
@@ -144,7 +156,9 @@ def command(
         bertscore_model=bertscore_model, bertscore_layer=bertscore_layer, bertscore_rescale=bertscore_rescale,
         system_prompt=system_prompt, prompt_column=prompt_column,
         category_column=category_column, reference_column=reference_column, device=device,
-        allow_pickle=allow_pickle, lm_eval=lm_eval, lm_eval_include=lm_eval_include)
+        allow_pickle=allow_pickle, lm_eval=lm_eval, lm_eval_include=lm_eval_include, backend=backend,
+        dtype=dtype, max_model_len=max_model_len, gpu_memory_utilization=gpu_memory_utilization,
+        tensor_parallel_size=tensor_parallel_size)
     if not ray and (ray_address is not None or workers is not None or gpus_per_worker is not None):
         raise UserError("--ray-address, --workers and --gpus-per-worker need --ray")
     ray_options = RayOptions(address=ray_address, workers=workers, gpus_per_worker=gpus_per_worker) if ray else None

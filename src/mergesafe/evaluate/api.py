@@ -237,10 +237,12 @@ def _row(s: PromptSet, r, response: str, verdict: str, raw: str) -> dict:
             "verdict": verdict, "judge_raw": raw, "category": r.category}
 
 
-def config_judge(config: EvalConfig) -> Judge:
-    """The judge `config.judge` names, loaded (an endpoint judge asks for `config.judge_model`)."""
+def config_judge(config: EvalConfig, *, shared: bool = False) -> Judge:
+    """The judge `config.judge` names, loaded (an endpoint judge asks for `config.judge_model`;
+    with `--backend vllm` a model judge generates on vLLM, `shared`: beside the generator's engine)."""
     return load_judge(config.judge, batch_size=config.judge_batch_size, device=config.device,
-                      model=config.judge_model)
+                      model=config.judge_model, vllm=config if config.backend == "vllm" else None,
+                      shared=shared)
 
 
 def judged_count(sets: EvalSets, judge: Judge) -> int:
@@ -301,11 +303,16 @@ def evaluate_loaded(model, tokenizer, sets: EvalSets, config: EvalConfig, judge:
         t_gen = time.perf_counter() - t0
         if isinstance(generator, VllmGenerator):  # free the engine's memory before a judge loads
             generator.close()
+        own_judge = judge is None
         judge = judge or config_judge(config)
         n_judged = judged_count(sets, judge)
-        metrics, rows = score_responses(sets, responses, judge, model_name=name,
-                                        progress=start("judging", n_judged) if n_judged else None,
-                                        config=config)
+        try:
+            metrics, rows = score_responses(sets, responses, judge, model_name=name,
+                                            progress=start("judging", n_judged) if n_judged else None,
+                                            config=config)
+        finally:
+            if own_judge and hasattr(judge, "close"):  # a judge's vLLM engine
+                judge.close()
     if sets.harness is not None:  # lm-eval tasks on the same model object (in a sweep: the live merge)
         metrics["task"].update(sets.harness.run(model, tokenizer, batch_size=config.batch_size,
                                                 limit=config.limit))

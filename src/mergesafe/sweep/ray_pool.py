@@ -25,7 +25,7 @@ from typing import Any
 
 from mergesafe.errors import UserError
 from mergesafe.sweep.progress import TrialProgress
-from mergesafe.sweep.worker import Trial, TrialWorker, WorkerSpec
+from mergesafe.sweep.worker import Trial, TrialWorker, WorkerSpec, make_worker
 
 INSTALL_LINE = "pip install 'mergesafe[ray]'"
 MAX_ATTEMPTS = 3  # times one trial may lose its worker before the sweep gives up
@@ -39,7 +39,7 @@ class RayWorker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.error: BaseException | None = None
         try:
-            self.worker: TrialWorker | None = TrialWorker(spec)
+            self.worker: TrialWorker | Any = make_worker(spec)  # a vLLM worker on --backend vllm
         except Exception as err:  # noqa: BLE001 - raised again by ready() and run()
             self.worker, self.error = None, err
 

@@ -74,6 +74,16 @@ class TrialWorker:
         """Returns once the worker is built (Ray: the actor's constructor has run)."""
         return True
 
+    def close(self) -> None:
+        """Nothing to shut down (the model is freed with the worker)."""
+
+    def run_many(self, trials: list[Trial], started: Any = None) -> Any:
+        """(row, generations) of each trial, in order, as each ends; `started(trial)` as it begins."""
+        for trial in trials:
+            if started is not None:
+                started(trial)
+            yield self.run(trial)
+
     def run(self, trial: Trial) -> tuple[Row, list[Row]]:
         """The trial's results row and its per-prompt rows (eval's `generations.jsonl` rows)."""
         from mergesafe.evaluate.api import evaluate_loaded
@@ -93,3 +103,14 @@ class TrialWorker:
         if trial.post is not None:
             row["post"] = str(self.spec.posts[trial.post])
         return row, generations
+
+
+def make_worker(spec: WorkerSpec, **loaded: Any) -> Any:
+    """The worker of the sweep's backend: :class:`TrialWorker` (transformers, a live model), or
+    on `--backend vllm` :class:`~mergesafe.sweep.vllm_worker.VllmTrialWorker` (an engine on pre,
+    each merge loaded in place).  `loaded`: `sets`, `inputs`, `tokenizer` already read."""
+    if getattr(spec.eval_config, "backend", "transformers") == "vllm":
+        from mergesafe.sweep.vllm_worker import VllmTrialWorker
+
+        return VllmTrialWorker(spec, **loaded)
+    return TrialWorker(spec, **loaded)

@@ -76,11 +76,12 @@ def effect_criteria(summary: dict[str, Any]) -> dict[str, bool]:
 def run_demo(out: str | Path, quick: bool = False, seed: int = 0, lora: bool = False,
              overwrite: bool = False, progress: bool = True, cache: bool = True,
              config: WorldConfig | None = None, console: Any = None,
-             compare: bool = False) -> DemoResult:
+             compare: bool = False, backend: str = "transformers") -> DemoResult:
     """Build the world, sweep the merges, print the table and write OUT (see the module doc).
 
     `compare=True` also runs the related safety-restoration methods (`world/compare.py`) and
-    writes `OUT/compare.json` and a table in the report."""
+    writes `OUT/compare.json` and a table in the report.  `backend="vllm"` generates on vLLM
+    (the sweep: one engine, each merge loaded in place; float32 on CPU); training stays on torch."""
     from mergesafe.evaluate.config import EvalConfig
     from mergesafe.report import write_sweep_report
     from mergesafe.sweep.api import sweep
@@ -89,6 +90,15 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, lora: bool = F
     out = Path(out)
     check_output_dir(out, overwrite)
     cfg = config or (WorldConfig.quick() if quick else WorldConfig.default())
+    if backend not in ("transformers", "vllm"):
+        from mergesafe.errors import UserError
+
+        raise UserError(f"unknown backend {backend!r} (transformers or vllm)", path="--backend")
+    if backend == "vllm":  # before any training: vLLM importable, and the world's head size on CPU
+        from mergesafe.evaluate.vllm_engine import check_head_size, require_vllm
+
+        require_vllm()
+        check_head_size(cfg.shape.hidden // cfg.shape.heads, "--quick" if not quick else None)
     console = console or _console()
     work = out.with_name(out.name + ".partial")
     if work.exists():
@@ -124,7 +134,8 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, lora: bool = F
         eval_config = EvalConfig(
             safety=[files["harmful"]], over_refusal=[files["over_refusal"]],
             task=[(files["task"], TASK_SCORER)], judge="keyword", batch_size=cfg.eval_batch_size,
-            max_new_tokens=cfg.max_new_tokens, repetition_penalty=1.0, seed=seed, progress=False)
+            max_new_tokens=cfg.max_new_tokens, repetition_penalty=1.0, seed=seed, progress=False,
+            backend=backend)
         params: dict[str, dict[str, float]] = {}
         for method, name, value in cfg.method_params:
             params.setdefault(method, {})[name] = value
@@ -184,6 +195,10 @@ def _compare(work: Path, data, cfg: WorldConfig, base, pre: Path, post: Path, re
     sets = load_eval_sets(eval_config)
 
     def evaluate_path(model_dir: Path, eval_dir: Path, adapter: Path | None = None) -> dict:
+        if eval_config.backend == "vllm":  # a fresh engine on the folder (and the adapter)
+            from mergesafe.evaluate.api import evaluate
+
+            return evaluate(model_dir, eval_dir, eval_config, adapter=adapter, overwrite=True)
         model, tok = load_for_generation(model_dir, adapter)
         return evaluate_loaded(model, tok, sets, eval_config, out=eval_dir, overwrite=True)
 

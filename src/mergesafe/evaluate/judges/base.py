@@ -41,13 +41,16 @@ class ModelJudge(Judge):
     """A causal-LM classifier loaded from a local folder; subclasses give the prompt and the parser.
 
     The prompt is the judge's published format, tokenized as is (no chat template) and decoded
-    greedily; `max_new_tokens` is what the format's answer needs.
+    greedily; `max_new_tokens` is what the format's answer needs.  `generate(texts,
+    max_new_tokens, progress)` replaces transformers (vLLM: `judges/vllm_judge.py`); then no
+    model is loaded here, and `close()` frees that backend.
     """
 
     max_new_tokens: int = 32
     add_bos: bool = False  # True where the published prompt is tokenized with the BOS token added
 
-    def __init__(self, path: str | Path, *, batch_size: int = 8, device: str | None = None) -> None:
+    def __init__(self, path: str | Path, *, batch_size: int = 8, device: str | None = None,
+                 generate: Callable[[Sequence[str], int, Progress | None], list[str]] | None = None) -> None:
         import torch
 
         from mergesafe.checkpoint.hf_model import load_causal_lm, load_tokenizer, resolve_device
@@ -57,13 +60,16 @@ class ModelJudge(Judge):
             raise UserError(f"{self.name} judge folder not found", path=path)
         if not (path / "config.json").is_file():
             raise UserError(f"{self.name} judge folder has no config.json (not a model folder)", path=path)
-        dev = resolve_device(device)
         self.tokenizer = load_tokenizer(path)
+        self.path = path
+        self.batch_size = batch_size
+        self.generate = generate
+        if generate is not None:
+            return
+        dev = resolve_device(device)
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         self.model = load_causal_lm(path, dtype=dtype, device=str(dev))
         self.model.eval()
-        self.path = path
-        self.batch_size = batch_size
 
     # Subclasses implement these two (and are unit-tested on them).
     @staticmethod
@@ -80,7 +86,16 @@ class ModelJudge(Judge):
 
         bos = (self.tokenizer.bos_token or "") if self.add_bos else ""
         texts = [bos + self.build_prompt(p, r) for p, r in zip(prompts, responses)]
+        if self.generate is not None:
+            return [self.parse(o) for o in self.generate(texts, self.max_new_tokens, progress)]
         outputs = generate_texts(self.model, self.tokenizer, texts, batch_size=self.batch_size,
                                  max_new_tokens=self.max_new_tokens, repetition_penalty=1.0,
                                  progress=progress)
         return [self.parse(o) for o in outputs]
+
+    def close(self) -> None:
+        """Free the generation backend's memory (a vLLM engine); the transformers model is freed
+        with the judge."""
+        close = getattr(self.generate, "close", None)
+        if close is not None:
+            close()

@@ -5,6 +5,7 @@ chat endpoint (`endpoint.py`)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from mergesafe.errors import UserError
 from mergesafe.evaluate.judges.base import Judge
@@ -67,11 +68,13 @@ def check_judge_spec(spec: str, model: str | None = None) -> None:
 
 
 def load_judge(spec: str, *, batch_size: int = 8, device: str | None = None,
-               model: str | None = None) -> Judge:
+               model: str | None = None, vllm: Any = None, shared: bool = False) -> Judge:
     """Load a judge once; the returned object can judge any number of models.
 
     `model` (`--judge-model`) picks the served model of a `FORMAT@URL` judge (default: the first
-    one the endpoint lists)."""
+    one the endpoint lists).  `vllm` (an `EvalConfig` of `--backend vllm`): a model judge
+    generates on a vLLM engine with its settings (`judges/vllm_judge.py`; `shared`: beside the
+    generator's engine)."""
     _check_judge_model(spec, model)
     endpoint = split_endpoint_spec(spec)
     if endpoint is not None:
@@ -79,4 +82,11 @@ def load_judge(spec: str, *, batch_size: int = 8, device: str | None = None,
     name, path = parse_judge_spec(spec)
     if path is None:
         return KeywordJudge()
+    if vllm is not None:
+        from mergesafe.evaluate.judges.vllm_judge import VllmJudgeBackend
+
+        if not path.is_dir():
+            raise UserError(f"{name} judge folder not found", path=path)
+        return MODEL_JUDGES[name](path, batch_size=batch_size, device=device,
+                                  generate=VllmJudgeBackend(path, vllm, shared=shared))
     return MODEL_JUDGES[name](path, batch_size=batch_size, device=device)
