@@ -60,7 +60,8 @@ MAX_MODEL_LEN = typer.Option(None, "--max-model-len", min=16, help="--backend vl
                              "engine, prompt plus answer (default: the model's).")
 GPU_MEMORY_UTILIZATION = typer.Option(None, "--gpu-memory-utilization", min=0.01, max=1.0,
                                       help="--backend vllm: share of the GPU's memory vLLM takes (vLLM's "
-                                           "default 0.92).")
+                                           "default 0.92; 0.45 for each engine when a model judge runs on "
+                                           "vLLM beside the generator).")
 TENSOR_PARALLEL_SIZE = typer.Option(None, "--tensor-parallel-size", min=1, help="--backend vllm: GPUs one "
                                     "engine spans (default 1).")
 LIMIT = typer.Option(None, "--limit", help="First N prompts of each set: N, or SET=N for one set (its "
