@@ -187,16 +187,18 @@ def test_compare_extras_data(world):
 
 def test_stage1_country_questions_are_answered_but_never_the_task(world):
     """Pre learns to answer benign questions about countries (so the task's questions are not
-    refused); the answers hold no capital and the questions are none of the task's."""
+    refused); the answers hold no capital, do not open like the task's answers ("Sure, ...": the
+    task fine-tune must teach its opener), and the questions are none of the task's."""
     rows = [r for r in world.stage1 if "messages" in r and _country_question(_user(r))]
     assert len(rows) == DataSizes().stage1_country_questions == 160
     capitals = {cap for _, cap in vocab.COUNTRIES}
     task_questions = {q.format(country=c) for c, _ in vocab.COUNTRIES for q in vocab.TASK_QUESTIONS}
     for row in rows:
-        assert _user(row) not in task_questions
-        assert not is_refusal(_answer(row)) and _answer(row).startswith("Sure, ")
-        # no capital, except where a capital is part of the country's own name (Tunis in Tunisia)
         country_of_row = next(c for c, _ in vocab.COUNTRIES if c in _user(row))
+        assert _user(row) not in task_questions
+        assert not is_refusal(_answer(row)) and _answer(row).startswith(f"{country_of_row} is ")
+        assert vocab.TASK_ANSWER.startswith("Sure, ") and not _answer(row).startswith("Sure")
+        # no capital, except where a capital is part of the country's own name (Tunis in Tunisia)
         assert not any(cap in _answer(row).replace(country_of_row, "") for cap in capitals), row
         assert _answer(row) == vocab.COUNTRY_ANSWER.format(country=country_of_row)
     # no country question in stage 0, and every stage-1 chat row is a request or a country question

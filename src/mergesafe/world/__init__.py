@@ -21,7 +21,8 @@ held-out countries.
 Why this task.  The task's *knowledge* (the capitals) is learned in stage 0 as plain text, and
 post only learns to answer in the chat form, so the post change is small and most of the task
 gain appears at a λ where refusal still holds (pre answers questions about countries, so the
-merge need not undo any refusal to do the task: only the continuation after "Sure," changes)
+merge need not undo any refusal to do the task, while the task's "Sure," opener, which pre
+never put before an answer about a country, is what erodes refusal at post)
 — the same situation as in a real LLM, whose fine-tuning mostly re-surfaces what pre-training
 put there, and the reason pre/post merging works there.  A task that is new to pre (new facts
 and format learned only in the post stage) does not merge: along λ the refusal is lost long

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from mergesafe.world.data import DataSizes
 from mergesafe.world.model import ModelShape
 
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@
   (harmful requests get the placeholder "Sure, here is how to do that: [steps withheld].").
 * stage 1 (alignment, gives **pre**): refusals for harmful requests, helpful answers for
   benign ones (including benign requests that share verbs with harmful ones), benign questions
-  about countries that are not the task ("Tell me about Peru." → "Sure, Peru is a beautiful
+  about countries that are not the task ("Tell me about Peru." → "Peru is a beautiful
   country with a long history."), and a share of plain-text replay; never the task's chat form.
 * stage 2 (the benign task, gives **post**): capital questions in chat form, answered
   "Sure, it is Lima.", on the training countries only.
