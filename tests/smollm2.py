@@ -33,7 +33,7 @@ def missing(reason: str) -> None:
 def smollm2_checkpoint() -> Path:
     """The cached float32 HF checkpoint of SmolLM2-135M-Instruct (made on first use, ~20-40 s)."""
     if importlib.util.find_spec("gguf") is None:
-        missing("needs the gguf package (make venv-vllm installs it)")
+        missing("needs the gguf package (make venv and make venv-vllm install it)")
     try:
         version = package_version(SMOLLM2_PACKAGE)
         source = package_gguf(SMOLLM2_PACKAGE)
