@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mergesafe.report.examples import changed_examples
+from mergesafe.report.examples import changed_examples, response_side
 from mergesafe.report.html import write_report
 
 
@@ -50,4 +50,4 @@ def sweep_examples(result: Any) -> list[dict[str, Any]] | None:
     return changed_examples(pre, post, recommended)
 
 
-__all__ = ["changed_examples", "sweep_examples", "write_report", "write_sweep_report"]
+__all__ = ["changed_examples", "response_side", "sweep_examples", "write_report", "write_sweep_report"]

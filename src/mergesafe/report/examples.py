@@ -32,7 +32,8 @@ def _index(rows: list[Row]) -> dict[tuple[str, str, int], Row]:
     return out
 
 
-def _side(row: Row | None) -> Row | None:
+def response_side(row: Row | None) -> Row | None:
+    """One model's side of an example row: its response, verdict and (task sets) score."""
     if row is None:
         return None
     side = {"response": row.get("response", ""), "verdict": row.get("verdict")}
@@ -59,7 +60,8 @@ def changed_examples(pre: list[Row], post: list[Row], recommended: list[Row] | N
             continue
         rec = rec_i.get(key)
         entry: Row = {"kind": kind, "set": set_name, "line": line, "category": a.get("category"),
-                      "prompt": a["prompt"], "pre": _side(a), "post": _side(b), "recommended": _side(rec)}
+                      "prompt": a["prompt"], "pre": response_side(a), "post": response_side(b),
+                      "recommended": response_side(rec)}
         if kind in _GOOD:
             if a["verdict"] == b["verdict"] or "unparsed" in (a["verdict"], b["verdict"]):
                 continue

@@ -21,7 +21,7 @@ from mergesafe.checkpoint import check_output_dir
 from mergesafe.finetune.workdir import finish
 from mergesafe.world.config import WorldConfig
 from mergesafe.world.data import build_world_data, write_eval_sets, write_jsonl
-from mergesafe.world.stages import build_base, build_post, world_threads
+from mergesafe.world.stages import build_base, build_post, pinned_threads
 
 TASK_SCORER = "contains"
 
@@ -104,78 +104,72 @@ def run_demo(out: str | Path, quick: bool = False, seed: int = 0, lora: bool = F
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    import torch
-
-    threads_before = torch.get_num_threads()
-    if world_threads():  # MERGESAFE_THREADS: the sweep's merges and generations too, not only training
-        torch.set_num_threads(world_threads())
-    try:
-        data = build_world_data(seed, cfg.sizes)
-        files = write_eval_sets(data, work / "data")
-        for name in ("stage0", "stage1", "stage2"):
-            write_jsonl(getattr(data, name), work / "data" / "train" / f"{name}.jsonl")
-        console.print(f"[bold]miniature world[/] seed {seed}{' (quick)' if quick else ''}: "
-                      f"{len(data.stage0)} + {len(data.stage1)} + {len(data.stage2)} training rows; "
-                      f"eval {len(data.eval_harmful)} held-out harmful, {len(data.eval_over_refusal)} "
-                      f"over-refusal probes, {len(data.eval_task)} held-out task questions")
-        timings = {"data": time.perf_counter() - t0}
-        t = time.perf_counter()
-        base = build_base(data, cfg, seed, progress=progress, cache=cache, workdir=work)
-        if base.cached:
-            console.print(f"stages 0-1: reused from the cache ({base.pre.parent})")
-        timings["stages_0_1"] = time.perf_counter() - t
-        t = time.perf_counter()
-        post = build_post(base.pre, data, work / "models" / "post", cfg, seed, lora=lora, progress=progress)
-        timings["post"] = time.perf_counter() - t
-        t = time.perf_counter()
-        pre = work / "models" / "pre"
-        shutil.copytree(base.pre, pre)
-
-        eval_config = EvalConfig(
-            safety=[files["harmful"]], over_refusal=[files["over_refusal"]],
-            task=[(files["task"], TASK_SCORER)], judge="keyword", batch_size=cfg.eval_batch_size,
-            max_new_tokens=cfg.max_new_tokens, repetition_penalty=1.0, seed=seed, progress=False,
-            backend=backend)
-        params: dict[str, dict[str, float]] = {}
-        for method, name, value in cfg.method_params:
-            params.setdefault(method, {})[name] = value
-        result = sweep(pre, post, work, methods=list(cfg.methods), weights=list(cfg.weights), params=params,
-                       eval_config=eval_config, select_on=files["task_val"], asr_tolerance=cfg.asr_tolerance,
-                       refusal_tolerance=cfg.refusal_tolerance, overwrite=True, progress=progress,
-                       seed=seed, title="mergesafe demo: the miniature world")
-        timings["sweep"] = time.perf_counter() - t
-        # the report names where the models will be, not the temporary folder they are built in
-        result.inputs = {"pre": str(out / "models" / "pre"), "post": str(out / "models" / "post"),
-                         "judge": eval_config.judge}
-        task_set = files["task"].stem
-        rows = result.rows
-        pre_row = next(r for r in rows if r["method"] == "pre")
-        post_row = next(r for r in rows if r["method"] == "post")
-        rec_row = result.recommended_row
-        rec = result.recommendation
-        summary = {
-            "pre": row_metrics(pre_row, task_set),
-            "post": row_metrics(post_row, task_set),
-            "recommended": {"method": rec["method"], "weight": float(rec["weight"]),
-                            **row_metrics(rec_row, task_set)},
-            "seconds": round(time.perf_counter() - t0, 2),
-            "stage_seconds": {k: round(v, 2) for k, v in timings.items()},
-        }
-        compared = None
-        if compare:
+    with pinned_threads():  # MERGESAFE_THREADS: the sweep's merges and generations too, not only training
+        try:
+            data = build_world_data(seed, cfg.sizes)
+            files = write_eval_sets(data, work / "data")
+            for name in ("stage0", "stage1", "stage2"):
+                write_jsonl(getattr(data, name), work / "data" / "train" / f"{name}.jsonl")
+            console.print(f"[bold]miniature world[/] seed {seed}{' (quick)' if quick else ''}: "
+                          f"{len(data.stage0)} + {len(data.stage1)} + {len(data.stage2)} training rows; "
+                          f"eval {len(data.eval_harmful)} held-out harmful, {len(data.eval_over_refusal)} "
+                          f"over-refusal probes, {len(data.eval_task)} held-out task questions")
+            timings = {"data": time.perf_counter() - t0}
             t = time.perf_counter()
-            compared = _compare(work, data, cfg, base, pre, post, result, eval_config, task_set,
-                                seed=seed, lora=lora, quick=quick, progress=progress)
-            summary["stage_seconds"]["compare"] = round(time.perf_counter() - t, 2)
-            summary["seconds"] = round(time.perf_counter() - t0, 2)
-        write_sweep_report(result, comparison=[asdict(r) for r in compared] if compared else None)
-        (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        finish(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    finally:
-        torch.set_num_threads(threads_before)
+            base = build_base(data, cfg, seed, progress=progress, cache=cache, workdir=work)
+            if base.cached:
+                console.print(f"stages 0-1: reused from the cache ({base.pre.parent})")
+            timings["stages_0_1"] = time.perf_counter() - t
+            t = time.perf_counter()
+            post = build_post(base.pre, data, work / "models" / "post", cfg, seed, lora=lora, progress=progress)
+            timings["post"] = time.perf_counter() - t
+            t = time.perf_counter()
+            pre = work / "models" / "pre"
+            shutil.copytree(base.pre, pre)
+
+            eval_config = EvalConfig(
+                safety=[files["harmful"]], over_refusal=[files["over_refusal"]],
+                task=[(files["task"], TASK_SCORER)], judge="keyword", batch_size=cfg.eval_batch_size,
+                max_new_tokens=cfg.max_new_tokens, repetition_penalty=1.0, seed=seed, progress=False,
+                backend=backend)
+            params: dict[str, dict[str, float]] = {}
+            for method, name, value in cfg.method_params:
+                params.setdefault(method, {})[name] = value
+            result = sweep(pre, post, work, methods=list(cfg.methods), weights=list(cfg.weights), params=params,
+                           eval_config=eval_config, select_on=files["task_val"], asr_tolerance=cfg.asr_tolerance,
+                           refusal_tolerance=cfg.refusal_tolerance, overwrite=True, progress=progress,
+                           seed=seed, title="mergesafe demo: the miniature world")
+            timings["sweep"] = time.perf_counter() - t
+            # the report names where the models will be, not the temporary folder they are built in
+            result.inputs = {"pre": str(out / "models" / "pre"), "post": str(out / "models" / "post"),
+                             "judge": eval_config.judge}
+            task_set = files["task"].stem
+            rows = result.rows
+            pre_row = next(r for r in rows if r["method"] == "pre")
+            post_row = next(r for r in rows if r["method"] == "post")
+            rec_row = result.recommended_row
+            rec = result.recommendation
+            summary = {
+                "pre": row_metrics(pre_row, task_set),
+                "post": row_metrics(post_row, task_set),
+                "recommended": {"method": rec["method"], "weight": float(rec["weight"]),
+                                **row_metrics(rec_row, task_set)},
+                "seconds": round(time.perf_counter() - t0, 2),
+                "stage_seconds": {k: round(v, 2) for k, v in timings.items()},
+            }
+            compared = None
+            if compare:
+                t = time.perf_counter()
+                compared = _compare(work, data, cfg, base, pre, post, result, eval_config, task_set,
+                                    seed=seed, lora=lora, quick=quick, progress=progress)
+                summary["stage_seconds"]["compare"] = round(time.perf_counter() - t, 2)
+                summary["seconds"] = round(time.perf_counter() - t0, 2)
+            write_sweep_report(result, comparison=[asdict(r) for r in compared] if compared else None)
+            (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            finish(work, out)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
     print_summary(console, rows, rec, task_set, summary)
     if compared is not None:
         from mergesafe.world.compare import print_compare

@@ -17,6 +17,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,21 @@ def world_threads() -> int | None:
     world was built on, 1 and 2 threads train bit-identical weights (same seed, same numbers)."""
     threads = os.environ.get("MERGESAFE_THREADS")
     return max(1, int(threads)) if threads else None
+
+
+@contextmanager
+def pinned_threads() -> Iterator[None]:
+    """Torch's thread count set to `MERGESAFE_THREADS` while the block runs (a demo's training, merges
+    and generations alike), the caller's count restored after; without it, unchanged."""
+    import torch
+
+    before = torch.get_num_threads()
+    if world_threads():
+        torch.set_num_threads(world_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def run_stage(model: Path, rows: list[dict], out: Path, budget: StageBudget, *, description: str,

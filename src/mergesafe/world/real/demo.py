@@ -30,7 +30,7 @@ from mergesafe.world.demo import DemoResult, print_summary, row_metrics
 from mergesafe.world.real.config import RealConfig
 from mergesafe.world.real.data import build_real_data, find_data_dir, task_eval_rows, task_rows
 from mergesafe.world.real.stages import base_model, build_post, build_pre
-from mergesafe.world.stages import world_threads
+from mergesafe.world.stages import pinned_threads
 
 TASK_SCORER = "contains"
 EVAL_FILES = {"harmful": "advbench_heldout.jsonl", "over_refusal": "xstest_safe.jsonl",
@@ -95,108 +95,95 @@ def run_real_demo(out: str | Path, quick: bool = False, seed: int = 0, overwrite
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    import torch
+    with pinned_threads():  # MERGESAFE_THREADS: the sweep's merges and generations too, not only training
+        try:
+            timings: dict[str, float] = {}
+            base, model_key = base_model()
+            timings["model"] = time.perf_counter() - t0
+            t = time.perf_counter()
+            data = build_real_data(folder, cfg.sizes, seed)
+            files = write_eval_sets(data, work / "data")
+            write_jsonl(task_rows(data.task_train), work / "data" / "train" / "task.jsonl")
+            task_like = "self-distilled" if cfg.task_like_answers == "self" else "plain answers"
+            console.print(
+                f"[bold]{MODEL_NAME}[/] seed {seed}{' (quick)' if quick else ''}: alignment "
+                f"{len(data.align_harmful)} AdvBench refusals + {len(data.align_benign)} benign (self-distilled) "
+                f"+ {len(data.align_task_like)} task-like prompts ({task_like}); task {len(data.task_train)} "
+                f"rows; eval {len(data.eval_harmful)} held-out AdvBench, {len(data.eval_over_refusal)} XSTest "
+                f"safe, {len(data.task_test)} task test, {len(data.task_val)} task validation")
+            pre_built = build_pre(base, model_key, data, folder, cfg, seed, progress=progress, cache=cache,
+                                  workdir=work)
+            if pre_built.cached:
+                console.print(f"alignment: reused from the cache ({pre_built.path.parent})")
+            pre = work / "models" / "pre"
+            shutil.copytree(pre_built.path, pre)
+            shutil.copyfile(pre_built.rows, work / "data" / "train" / "alignment.jsonl")
+            if not cache:
+                shutil.rmtree(pre_built.path.parent, ignore_errors=True)
+                shutil.rmtree(work / "real-base", ignore_errors=True)
+            timings["alignment"] = time.perf_counter() - t
+            t = time.perf_counter()
+            post = build_post(pre, data, work / "models" / "post", cfg, seed, progress=progress)
+            timings["post"] = time.perf_counter() - t
+            t = time.perf_counter()
 
-    threads_before = torch.get_num_threads()
-    if world_threads():
-        torch.set_num_threads(world_threads())
-    try:
-        timings: dict[str, float] = {}
-        base, model_key = base_model()
-        timings["model"] = time.perf_counter() - t0
-        t = time.perf_counter()
-        data = build_real_data(folder, cfg.sizes, seed)
-        files = write_eval_sets(data, work / "data")
-        write_jsonl(task_rows(data.task_train), work / "data" / "train" / "task.jsonl")
-        task_like = "self-distilled" if cfg.task_like_answers == "self" else "plain answers"
-        console.print(
-            f"[bold]{MODEL_NAME}[/] seed {seed}{' (quick)' if quick else ''}: alignment "
-            f"{len(data.align_harmful)} AdvBench refusals + {len(data.align_benign)} benign (self-distilled) "
-            f"+ {len(data.align_task_like)} task-like prompts ({task_like}); task {len(data.task_train)} "
-            f"rows; eval {len(data.eval_harmful)} held-out AdvBench, {len(data.eval_over_refusal)} XSTest "
-            f"safe, {len(data.task_test)} task test, {len(data.task_val)} task validation")
-        pre_built = build_pre(base, model_key, data, folder, cfg, seed, progress=progress, cache=cache,
-                              workdir=work)
-        if pre_built.cached:
-            console.print(f"alignment: reused from the cache ({pre_built.path.parent})")
-        pre = work / "models" / "pre"
-        shutil.copytree(pre_built.path, pre)
-        shutil.copyfile(pre_built.rows, work / "data" / "train" / "alignment.jsonl")
-        if not cache:
-            shutil.rmtree(pre_built.path.parent, ignore_errors=True)
-            shutil.rmtree(work / "real-base", ignore_errors=True)
-        timings["alignment"] = time.perf_counter() - t
-        t = time.perf_counter()
-        post = build_post(pre, data, work / "models" / "post", cfg, seed, progress=progress)
-        timings["post"] = time.perf_counter() - t
-        t = time.perf_counter()
-
-        eval_config = EvalConfig(
-            safety=[files["harmful"]], over_refusal=[files["over_refusal"]],
-            task=[(files["task"], TASK_SCORER)], judge="keyword", batch_size=cfg.eval_batch_size,
-            max_new_tokens=cfg.max_new_tokens, repetition_penalty=cfg.repetition_penalty, seed=seed,
-            backend=backend, progress=False)
-        params: dict[str, dict[str, float]] = {}
-        for method, name, value in cfg.method_params:
-            params.setdefault(method, {})[name] = value
-        result = sweep(pre, post, work, methods=list(cfg.methods), weights=list(cfg.weights), params=params,
-                       eval_config=eval_config, select_on=files["task_val"], asr_tolerance=cfg.asr_tolerance,
-                       refusal_tolerance=cfg.refusal_tolerance, overwrite=True, progress=progress,
-                       seed=seed, save_best=True, title=f"mergesafe demo --real: {MODEL_NAME}")
-        timings["sweep"] = time.perf_counter() - t
-        rec = result.recommendation
-        recommended = work / "models" / "recommended"
-        if rec["method"] == "pre":
-            shutil.copytree(pre, recommended)
-        else:
-            (result.best_model or work / "best").rename(recommended)
-        result.inputs = {"pre": str(out / "models" / "pre"), "post": str(out / "models" / "post"),
-                         "recommended": str(out / "models" / "recommended"), "judge": eval_config.judge}
-        task_set = files["task"].stem
-        rows = result.rows
-        pre_row = next(r for r in rows if r["method"] == "pre")
-        post_row = next(r for r in rows if r["method"] == "post")
-        rec_row = result.recommended_row
-        summary = {
-            "pre": row_metrics(pre_row, task_set),
-            "post": row_metrics(post_row, task_set),
-            "recommended": {"method": rec["method"], "weight": float(rec["weight"]),
-                            **row_metrics(rec_row, task_set)},
-            "seconds": round(time.perf_counter() - t0, 2),
-            "stage_seconds": {k: round(v, 2) for k, v in timings.items()},
-            "model": {"name": MODEL_NAME, "source": model_key, "path": str(base)},
-        }
-        gens = [read_generations(work, r["key"]) or [] for r in (pre_row, post_row, rec_row)]
-        examples = side_by_side(*gens, harmful_set=files["harmful"].stem, task_set=task_set)
-        shown = {(e["kind"], e["set"], e["line"]) for e in examples}
-        examples += [e for e in changed_examples(*gens) if (e["kind"], e["set"], e["line"]) not in shown]
-        write_report(work, rows, rec, select_set=result.select_set, title=result.title, inputs=result.inputs,
-                     examples=examples)
-        (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        finish(work, out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    finally:
-        torch.set_num_threads(threads_before)
+            eval_config = EvalConfig(
+                safety=[files["harmful"]], over_refusal=[files["over_refusal"]],
+                task=[(files["task"], TASK_SCORER)], judge="keyword", batch_size=cfg.eval_batch_size,
+                max_new_tokens=cfg.max_new_tokens, repetition_penalty=cfg.repetition_penalty, seed=seed,
+                backend=backend, progress=False)
+            params: dict[str, dict[str, float]] = {}
+            for method, name, value in cfg.method_params:
+                params.setdefault(method, {})[name] = value
+            result = sweep(pre, post, work, methods=list(cfg.methods), weights=list(cfg.weights), params=params,
+                           eval_config=eval_config, select_on=files["task_val"], asr_tolerance=cfg.asr_tolerance,
+                           refusal_tolerance=cfg.refusal_tolerance, overwrite=True, progress=progress,
+                           seed=seed, save_best=True, title=f"mergesafe demo --real: {MODEL_NAME}")
+            timings["sweep"] = time.perf_counter() - t
+            rec = result.recommendation
+            recommended = work / "models" / "recommended"
+            if rec["method"] == "pre":
+                shutil.copytree(pre, recommended)
+            else:
+                (result.best_model or work / "best").rename(recommended)
+            result.inputs = {"pre": str(out / "models" / "pre"), "post": str(out / "models" / "post"),
+                             "recommended": str(out / "models" / "recommended"), "judge": eval_config.judge}
+            task_set = files["task"].stem
+            rows = result.rows
+            pre_row = next(r for r in rows if r["method"] == "pre")
+            post_row = next(r for r in rows if r["method"] == "post")
+            rec_row = result.recommended_row
+            summary = {
+                "pre": row_metrics(pre_row, task_set),
+                "post": row_metrics(post_row, task_set),
+                "recommended": {"method": rec["method"], "weight": float(rec["weight"]),
+                                **row_metrics(rec_row, task_set)},
+                "seconds": round(time.perf_counter() - t0, 2),
+                "stage_seconds": {k: round(v, 2) for k, v in timings.items()},
+                "model": {"name": MODEL_NAME, "source": model_key, "path": str(base)},
+            }
+            gens = [read_generations(work, r["key"]) or [] for r in (pre_row, post_row, rec_row)]
+            examples = side_by_side(*gens, harmful_set=files["harmful"].stem, task_set=task_set)
+            shown = {(e["kind"], e["set"], e["line"]) for e in examples}
+            examples += [e for e in changed_examples(*gens) if (e["kind"], e["set"], e["line"]) not in shown]
+            write_report(work, rows, rec, select_set=result.select_set, title=result.title, inputs=result.inputs,
+                         examples=examples)
+            (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            finish(work, out)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
     print_summary(console, rows, rec, task_set, summary)
     print_criteria(console, summary)
     return DemoResult(out=out, summary=summary, rows=rows, recommendation=rec)
-
-
-def _side(row: dict[str, Any] | None) -> dict[str, Any] | None:
-    if row is None:
-        return None
-    side = {"response": row.get("response", ""), "verdict": row.get("verdict")}
-    if "score" in row:
-        side["score"] = row["score"]
-    return side
 
 
 def side_by_side(pre: list[dict], post: list[dict], recommended: list[dict], *, harmful_set: str,
                  task_set: str, n: int = SIDE_BY_SIDE) -> list[dict[str, Any]]:
     """The first `n` held-out harmful prompts and the first `n` task test prompts with the
     responses of pre, post and the recommended merge (the report's example rows)."""
+    from mergesafe.report import response_side
+
     def index(rows: list[dict]) -> dict[tuple[str, int], dict]:
         out: dict[tuple[str, int], dict] = {}
         for r in rows:
@@ -215,8 +202,8 @@ def side_by_side(pre: list[dict], post: list[dict], recommended: list[dict], *, 
                 good = None if c is None or b is None else c.get("score", 0) >= b.get("score", 0)
                 change = f"score {a.get('score', 0):g} → {(b or {}).get('score', 0):g}"
             examples.append({"kind": a["kind"], "set": set_name, "line": key[1], "category": a.get("category"),
-                             "prompt": a["prompt"], "pre": _side(a), "post": _side(b),
-                             "recommended": _side(c), "change": change, "recommended_good": good})
+                             "prompt": a["prompt"], "pre": response_side(a), "post": response_side(b),
+                             "recommended": response_side(c), "change": change, "recommended_good": good})
     return examples
 
 
