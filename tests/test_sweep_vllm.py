@@ -274,14 +274,18 @@ def test_lora_lambda_batch_matches_merged_weights_in_place(pair, lora_post):
 
 @vllm_test
 @pytest.mark.slow
-def test_an_adapter_vllm_cannot_serve_falls_back_in_place_with_a_note(tmp_path, pair):
-    """modules_to_save: no LoRA batch; the trials load merged weights in place, and say so once."""
+@pytest.mark.parametrize("on_ray", [False, True], ids=["one-process", "ray"])
+def test_an_adapter_vllm_cannot_serve_falls_back_in_place_with_a_note(tmp_path, pair, on_ray):
+    """modules_to_save: no LoRA batch; the trials load merged weights in place, and say so once
+    (on Ray too: the worker's note comes back to the driver)."""
     from mergesafe.sweep.api import sweep
+    from mergesafe.sweep.ray_pool import RayOptions
 
     pre, _, harm = pair
     adapter = tiny_models.make_lora(pre, tmp_path / "adapter", r=8, alpha=16, modules_to_save=["lm_head"])
     result = sweep(pre, adapter, tmp_path / "out", methods=["linear"], weights=[0.5], progress=False,
-                   eval_config=EvalConfig(backend="vllm", safety=[harm], max_new_tokens=8))
+                   eval_config=EvalConfig(backend="vllm", safety=[harm], max_new_tokens=8),
+                   ray=RayOptions(workers=1) if on_ray else None)
     notes = [n for n in result.notes if "cannot serve the adapter" in n]
     assert len(notes) == 1 and "modules_to_save" in notes[0] and "in place" in notes[0]
     assert result.computed == 3 and all("lora_batch" not in r for r in result.rows)

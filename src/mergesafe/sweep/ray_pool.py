@@ -43,10 +43,11 @@ class RayWorker:
         except Exception as err:  # noqa: BLE001 - raised again by ready() and run()
             self.worker, self.error = None, err
 
-    def ready(self) -> bool:
+    def ready(self) -> list[str]:
+        """The worker's start-up notes (a vLLM worker's adapter fallback), or its start-up error."""
         if self.error is not None:
             raise self.error
-        return True
+        return list(getattr(self.worker, "notes", []))
 
     def run(self, trial: Trial) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         if self.worker is None:
@@ -197,12 +198,14 @@ class RayPool:
                 idle.append(index)
 
     def _wait_ready(self, bar: TrialProgress) -> None:
-        """Wait for every worker to load its model; a start-up error is raised as it is."""
+        """Wait for every worker to load its model; a start-up error is raised as it is.  The
+        workers' start-up notes are kept once each (every worker says the same)."""
         from ray.exceptions import RayTaskError
 
         t0 = time.perf_counter()
         try:
-            self.ray.get([a.ready.remote() for a in self.actors])
+            for notes in self.ray.get([a.ready.remote() for a in self.actors]):
+                self.notes.extend(n for n in notes if n not in self.notes)
             self.ready_seconds = time.perf_counter() - t0
         except RayTaskError as err:
             _raise_cause(err)
