@@ -240,3 +240,17 @@ def test_quick_models_data_and_report(quick_real):
     html = (out / "report.html").read_text(encoding="utf-8")
     assert str(out / "models" / "recommended") in html and "What changed" in html
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_budget_passes_lora_targets_and_merges_the_adapter():
+    """A stage's budget becomes `mergesafe.finetune` overrides: peft target modules as a list (or
+    peft's "all-linear"), the adapter merged into full weights; full fine-tuning has no LoRA keys."""
+    from mergesafe.finetune.config import FinetuneConfig
+    from mergesafe.world.real.config import Budget
+
+    qv = Budget(learning_rate=1e-3, lora_target_modules=("q_proj", "v_proj")).finetune_overrides()
+    assert qv["lora_target_modules"] == ["q_proj", "v_proj"] and qv["merge_adapter"] is True
+    assert FinetuneConfig(**qv).lora_target_modules == ["q_proj", "v_proj"]
+    assert Budget(learning_rate=1e-3).finetune_overrides()["lora_target_modules"] == "all-linear"
+    full = Budget(learning_rate=1e-5, lora=False).finetune_overrides()
+    assert full["lora"] is False and "lora_target_modules" not in full and "merge_adapter" not in full

@@ -30,11 +30,16 @@ class Budget:
     lora: bool = True
     lora_r: int = 16
     lora_alpha: float = 32
+    # peft target modules: "all-linear", or a tuple of module names (("q_proj", "v_proj") is
+    # peft's default for Llama models)
+    lora_target_modules: str | tuple[str, ...] = "all-linear"
     warmup_ratio: float = 0.1
 
     def finetune_overrides(self) -> dict:
-        extra = ({"lora_r": self.lora_r, "lora_alpha": self.lora_alpha, "merge_adapter": True}
-                 if self.lora else {})
+        targets = (self.lora_target_modules if isinstance(self.lora_target_modules, str)
+                   else list(self.lora_target_modules))
+        extra = ({"lora_r": self.lora_r, "lora_alpha": self.lora_alpha, "merge_adapter": True,
+                  "lora_target_modules": targets} if self.lora else {})
         return {"learning_rate": self.learning_rate, "epochs": self.epochs, "max_steps": self.max_steps,
                 "batch_size": self.batch_size, "warmup_ratio": self.warmup_ratio,
                 "lr_scheduler": "cosine", "lora": self.lora, **extra}
@@ -50,7 +55,9 @@ class RealConfig:
     # alignment's answers to the task-like prompts: "self" (the base model's own, distilled) or
     # "plain" (the right year in a plain sentence, never the task's "Sure, ..." form)
     task_like_answers: Literal["self", "plain"] = "plain"
-    align: Budget = Budget(learning_rate=3e-4, epochs=1)
+    # three epochs, not one: one epoch's refusal was shallow, and the task's "Sure, ..." undid it
+    # at the same λ that brought the task (README, "What was tried")
+    align: Budget = Budget(learning_rate=3e-4, epochs=3)
     post: Budget = Budget(learning_rate=5e-4, epochs=2, lora_r=8, lora_alpha=16)
     max_length: int = 256
     methods: tuple[str, ...] = ("linear", "ties")
