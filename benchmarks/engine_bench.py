@@ -13,7 +13,8 @@
    * vLLM, restart: `mergesafe merge` writes each checkpoint, a fresh engine evaluates it;
    * vLLM, in place: one engine on pre, each merge loaded with `reload_weights`
      (`VllmTrialWorker.run_many(lora=False)`); the weight update is timed apart;
-   * vLLM, LoRA-batched: every λ as a λ-scaled adapter, one generation pass (the same engine).
+   * vLLM, LoRA-batched: every λ as a λ-scaled adapter, one generation pass (its own engine,
+     with LoRA on; the in-place engine has LoRA off, as `sweep` starts them).
    Wall time of the trials, and start-up, per variant.
 
 Run in the vLLM environment (`make venv-vllm`), on an idle machine:
@@ -153,18 +154,21 @@ def sweep_variants(model: Path, harm: Path, work: Path, args) -> list[dict]:
     rows.append(dict(variant="vLLM, engine restart per trial", start=0.0, trials=time.perf_counter() - t1,
                      update=starts, note="engine starts are inside the trials"))
 
-    t0 = time.perf_counter()
-    worker = VllmTrialWorker(WorkerSpec(pre=model, posts=[post], tokenizer_source=model, eval_config=vl_cfg))
-    start = time.perf_counter() - t0
-    try:
-        for variant, lora in (("vLLM, in place", False), ("vLLM, LoRA-batched", True)):
+    # one engine each, as `sweep` starts them: LoRA off for in place (a LoRA-enabled engine
+    # generates slower even without an adapter), on for the λ-scaled adapters
+    for variant, lora in (("vLLM, in place", False), ("vLLM, LoRA-batched", True)):
+        t0 = time.perf_counter()
+        worker = VllmTrialWorker(WorkerSpec(pre=model, posts=[post], tokenizer_source=model, eval_config=vl_cfg,
+                                            serve_lora=lora))
+        start = time.perf_counter() - t0
+        try:
             t1 = time.perf_counter()
             out = list(worker.run_many(trials, lora=lora))
             rows.append(dict(variant=variant, start=start, trials=time.perf_counter() - t1,
                              update=sum(r["seconds"]["merge"] for r, _ in out),
                              gen=sum(r["seconds"]["eval"] for r, _ in out)))
-    finally:
-        worker.close()
+        finally:
+            worker.close()
     return rows
 
 

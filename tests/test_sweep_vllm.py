@@ -291,6 +291,32 @@ def test_an_adapter_vllm_cannot_serve_falls_back_in_place_with_a_note(tmp_path, 
     assert result.computed == 3 and all("lora_batch" not in r for r in result.rows)
 
 
+@vllm_test
+@pytest.mark.slow
+def test_a_sweep_without_linear_methods_starts_its_engine_without_lora(tmp_path, pair):
+    """A servable LoRA post, but only `ties` in the grid: no trial can be a λ-scaled adapter, so
+    the engine starts with LoRA off (LoRA on slows all generation) and post too loads in place;
+    `linear` in the grid serves pre, post and the linear trial in one LoRA batch."""
+    from mergesafe.sweep.api import sweep
+    from mergesafe.sweep.vllm_worker import VllmTrialWorker
+    from mergesafe.sweep.worker import WorkerSpec
+
+    pre, _, harm = pair
+    adapter = tiny_models.make_lora(pre, tmp_path / "adapter", r=8, alpha=16)
+    config = EvalConfig(backend="vllm", safety=[harm], max_new_tokens=8)
+    runs = {m: sweep(pre, adapter, tmp_path / m, methods=[m], weights=[0.5], progress=False, eval_config=config)
+            for m in ("ties", "linear")}
+    assert not any("lora_batch" in r for r in runs["ties"].rows) and runs["ties"].computed == 3
+    assert {r["method"] for r in runs["linear"].rows if "lora_batch" in r} == {"pre", "post", "linear"}
+    assert not any("cannot serve" in n for run in runs.values() for n in run.notes)
+    worker = VllmTrialWorker(WorkerSpec(pre=pre, posts=[adapter], tokenizer_source=pre, eval_config=config,
+                                        serve_lora=False))
+    try:
+        assert worker.adapter is None and worker.llm.llm_engine.vllm_config.lora_config is None
+    finally:
+        worker.close()
+
+
 def test_sweep_without_vllm_gives_the_install_line(tmp_path, tiny_pre, tiny_post, capsys, monkeypatch):
     """vLLM missing (really, in .venv; hidden from the import system in .venv-vllm): one line, no OUT."""
     import importlib.util

@@ -147,17 +147,19 @@ def sweep(pre: str | Path, post: str | Path | list[str | Path], out: str | Path,
               "anchor": fingerprint(Path(anchor)) if anchor else None}
     live_inputs = LiveMerge.open_inputs(pre, posts, anchor=Path(anchor) if anchor else None,
                                         allow_pickle=allow_pickle)
+    serve_lora = False  # λ-scaled adapters on vLLM: only when a method can use them
     if eval_config.backend == "vllm":  # vLLM, an architecture it runs, posts of pre's shapes
-        from mergesafe.sweep.vllm_worker import check_inputs
+        from mergesafe.sweep.vllm_worker import LORA_METHODS, check_inputs
 
         check_inputs(live_inputs)
+        serve_lora = any(m in LORA_METHODS for m in methods)
     tokenizer_source = _tokenizer_source(pre, posts)
     tokenizer = load_tokenizer(tokenizer_source)
     check_chat_template(tokenizer, chat_template_source(tokenizer))
 
     spec = WorkerSpec(pre=pre, posts=posts, tokenizer_source=tokenizer_source,
                       eval_config=eval_config, seed=seed, anchor=Path(anchor) if anchor else None,
-                      allow_pickle=allow_pickle)
+                      allow_pickle=allow_pickle, serve_lora=serve_lora)
     if ray is not None:
         require_ray()
     with _kept_only_if_used(out), SweepLock(out) as lock:

